@@ -1,0 +1,83 @@
+"""Packaging checks: what an editable install hides but a wheel would lose."""
+
+from __future__ import annotations
+
+import fnmatch
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PACKAGE_DIRS: dict[str, str] = PYPROJECT["tool"]["setuptools"]["package-dir"]
+
+
+def _source_dir(package: str) -> Path:
+    """Maps a dotted package name to its folder through [tool.setuptools.package-dir]."""
+    parts = package.split(".")
+    for cut in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in PACKAGE_DIRS:
+            return ROOT / PACKAGE_DIRS[prefix] / Path(*parts[cut:])
+    return ROOT / Path(*parts)
+
+
+def _packages_on_disk() -> set[str]:
+    found = set()
+    for top, folder in PACKAGE_DIRS.items():
+        base = ROOT / folder
+        for init in base.rglob("__init__.py"):
+            rel = init.parent.relative_to(base)
+            found.add(".".join([top, *rel.parts]))
+    return found
+
+
+def test_packaging_lists_every_package_on_disk() -> None:
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    missing = _packages_on_disk() - listed
+    assert not missing, f"add these to [tool.setuptools] packages in pyproject.toml or a wheel will lack them: {missing}"
+
+
+def test_packaging_listed_packages_exist() -> None:
+    for package in PYPROJECT["tool"]["setuptools"]["packages"]:
+        assert (_source_dir(package) / "__init__.py").is_file(), f"{package} is listed but has no __init__.py"
+
+
+def _package_files(folder: Path) -> list[Path]:
+    """Non-Python files of one package, descending into plain folders but not into sub-packages or caches."""
+    files = []
+    for path in folder.iterdir():
+        if path.is_dir():
+            if path.name != "__pycache__" and not (path / "__init__.py").exists():
+                files.extend(_package_files(path))
+        elif path.suffix not in (".py", ".pyc"):
+            files.append(path)
+    return files
+
+
+def test_packaging_data_files_match_package_data_patterns() -> None:
+    """Every non-Python file inside a package must be matched by package-data, or installed copies lose it."""
+    patterns: dict[str, list[str]] = PYPROJECT["tool"]["setuptools"]["package-data"]
+    unmatched = []
+    for package in PYPROJECT["tool"]["setuptools"]["packages"]:
+        folder = _source_dir(package)
+        globs = patterns.get(package, [])
+        for path in _package_files(folder):
+            rel = path.relative_to(folder).as_posix()
+            if not any(fnmatch.fnmatch(rel, g) for g in globs):
+                unmatched.append(str(path.relative_to(ROOT)))
+    assert not unmatched, f"files a wheel would leave out (extend [tool.setuptools.package-data]): {unmatched}"
+
+
+def test_packaging_no_generic_top_level_packages_installed() -> None:
+    """`sandbox`, `train` and `ui` install only under the thyme name."""
+    code = "import importlib.util as u; print([n for n in ('sandbox', 'train', 'ui') if u.find_spec(n)])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_packaging_import_thyme_does_not_import_torch() -> None:
+    code = "import sys, thyme; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    assert out.stdout.strip() == "False"
