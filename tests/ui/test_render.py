@@ -1,0 +1,86 @@
+"""Event-to-chat rendering, without a browser: what a user sees for each kind of step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from thyme.protocol import MISSING_ANSWER  # noqa: E402
+from thyme.trajectory import ModelText, SandboxOutput, Trajectory  # noqa: E402
+from thyme.ui import render  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = json.loads((REPO / "thyme/data/examples/readme_17127.json").read_text(encoding="utf-8"))
+CROP = str(REPO / "tests/data/17127_ebd8fd46.jpg")
+
+
+def _readme_trajectory(*, finished: bool = True) -> Trajectory:
+    first, second = EXAMPLE["segments"]
+    segments = [ModelText(first), SandboxOutput(images=[CROP], stdout=CROP + "\n")]
+    if finished:
+        segments.append(ModelText(second))
+    return Trajectory("system", "\n" + EXAMPLE["question"], ["/in/17127.jpg"], segments, question=EXAMPLE["question"])
+
+
+def _titles(messages: list[gr.ChatMessage]) -> list[str | None]:
+    return [message.metadata.get("title") for message in messages]
+
+
+def test_render_trajectory_readme_example_order_and_kinds():
+    messages = render.render_trajectory(_readme_trajectory(), finished=True)
+    assert _titles(messages) == [None, "Python code (step 1)", "Sandbox result (step 1)", None, None]
+    reasoning, code, result, after, answer = messages
+    assert reasoning.content.startswith("To determine the plate number of the blue car")
+    assert "<think>" not in reasoning.content and "<code>" not in reasoning.content
+    assert code.content == f"```python\n{EXAMPLE['code']}\n```"
+    assert result.content == [{"path": CROP}]
+    assert after.content.endswith("the correct answer is C. S QT 911.")
+    assert answer.content == "### Answer\n\nC. S QT 911"
+
+
+def test_render_trajectory_hidden_reasoning_keeps_code_results_and_answer():
+    messages = render.render_trajectory(_readme_trajectory(), show_reasoning=False, finished=True)
+    assert _titles(messages) == ["Python code (step 1)", "Sandbox result (step 1)", None]
+    assert messages[-1].content.endswith("C. S QT 911")
+
+
+def test_render_trajectory_running_code_shows_spinner_on_last_block_only():
+    first = EXAMPLE["segments"][0]
+    trajectory = Trajectory("s", "q", ["/in.jpg"], [ModelText(first)])
+    messages = render.render_trajectory(trajectory, running_code=True)
+    assert messages[-1].metadata == {"title": "Running in the sandbox (step 1)", "status": "pending"}
+    done = render.render_trajectory(_readme_trajectory(), running_code=True)
+    assert all(m.metadata.get("status") != "pending" for m in done)
+
+
+def test_render_sandbox_error_is_marked_as_error():
+    output = SandboxOutput(error="Sandbox for 17127: NameError: name 'imgg' is not defined")
+    message = render.render_sandbox_output(output, 2)
+    assert message.metadata == {"title": "Sandbox error (step 2)", "status": "done"}
+    assert "NameError: name 'imgg' is not defined" in message.content
+
+
+def test_render_sandbox_text_result_and_empty_output():
+    assert render.render_sandbox_output(SandboxOutput(text="area = 42"), 1).content == "```text\narea = 42\n```"
+    empty = render.render_sandbox_output(SandboxOutput(), 1)
+    assert "printed nothing" in empty.content and empty.metadata["title"] == "Sandbox result (step 1)"
+
+
+def test_render_sandbox_several_images_keep_print_order():
+    output = SandboxOutput(images=["/s/b.png", "/s/a.png"])
+    assert render.render_sandbox_output(output, 1).content == [{"path": "/s/b.png"}, {"path": "/s/a.png"}]
+
+
+def test_render_trajectory_finished_without_answer_says_so():
+    trajectory = _readme_trajectory(finished=False)
+    assert render.render_trajectory(trajectory, finished=False)[-1].metadata["title"] == "Sandbox result (step 1)"
+    last = render.render_trajectory(trajectory, finished=True)[-1]
+    assert last.content == MISSING_ANSWER and last.metadata["title"] == "No answer"
+
+
+def test_render_prose_strips_think_tags_only():
+    assert render.render_prose("<think>look at <b>x</b></think>\n") == "look at <b>x</b>"

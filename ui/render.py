@@ -1,0 +1,138 @@
+"""Turns a Thyme trajectory into chat messages for Gradio's ``Chatbot`` (messages format). Pure: no I/O, no state.
+
+One assistant trajectory becomes several chat messages so that each step can be folded on its own, the way Gradio's
+tool-use demos show tool calls (``metadata={"title": ...}`` makes a collapsible "thought"):
+
+- reasoning prose: a plain assistant message (dropped when the user hides reasoning);
+- each code block: a collapsible message holding the code as a highlighted ``python`` fence;
+- each sandbox result: a collapsible message holding the crops as images, or the text result, or the error (titled as
+  an error so a failing step is visible at a glance);
+- the final answer: its own message, set apart by a heading.
+
+Titles are plain text: emoji render as empty boxes where the browser has no emoji font (headless Chromium here).
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from thyme.protocol import MISSING_ANSWER, THINK_CLOSE, THINK_OPEN
+from thyme.trajectory import Answer, Code, Prose, SandboxOutput, Trajectory
+
+CODE_TITLE = "Python code (step {step})"
+RUNNING_TITLE = "Running in the sandbox (step {step})"
+RESULT_TITLE = "Sandbox result (step {step})"
+ERROR_TITLE = "Sandbox error (step {step})"
+ANSWER_HEADING = "### Answer"
+NO_ANSWER_TITLE = "No answer"
+PROBLEM_TITLE = "Error"
+THINKING_TITLE = "Thinking"
+# Status values of Gradio's MetadataDict: "pending" shows a spinner, "done" closes the accordion.
+_PENDING = "pending"
+_DONE = "done"
+
+
+def render_prose(text: str) -> str:
+    """Returns reasoning prose as shown to the user: the ``<think>`` tags removed, surrounding blank space trimmed.
+
+    The tags are protocol, not content, and Gradio's Markdown would otherwise pass them to the page as unknown HTML.
+    """
+    return text.replace(THINK_OPEN, "").replace(THINK_CLOSE, "").strip()
+
+
+def render_code(code: str, step: int, *, running: bool = False) -> gr.ChatMessage:
+    """A collapsible message showing one code block as highlighted Python.
+
+    Args:
+        code (`str`): the body of the ``<code>`` block (fence removed).
+        step (`int`): 1-based index of the block in the trajectory, shown in the title.
+        running (`bool`, defaults to `False`): the sandbox is still running it; the title gets a spinner.
+    """
+    metadata = {"title": (RUNNING_TITLE if running else CODE_TITLE).format(step=step)}
+    if running:
+        metadata["status"] = _PENDING
+    return gr.ChatMessage(content=f"```python\n{code}\n```", metadata=metadata)
+
+
+def render_sandbox_output(output: SandboxOutput, step: int) -> gr.ChatMessage:
+    """A collapsible message with what the sandbox returned: images (with any printed text), text, or the error.
+
+    An error is titled as such; the model sees the same text and may correct itself on the next step.
+    """
+    if output.error and not output.images:
+        return gr.ChatMessage(
+            content=f"```text\n{output.error}\n```",
+            metadata={"title": ERROR_TITLE.format(step=step), "status": _DONE},
+        )
+    title = RESULT_TITLE.format(step=step)
+    if not output.images:
+        text = output.shown_text.strip() or "(the code printed nothing)"
+        return gr.ChatMessage(content=f"```text\n{text}\n```", metadata={"title": title})
+    content: list = [{"path": path} for path in output.images]
+    return gr.ChatMessage(content=content, metadata={"title": title})
+
+
+def render_answer(answer: str | None) -> gr.ChatMessage:
+    """The final answer, set apart from the reasoning; a trajectory that ended without one says so."""
+    if answer is None:
+        return gr.ChatMessage(content=MISSING_ANSWER, metadata={"title": NO_ANSWER_TITLE, "status": _DONE})
+    return gr.ChatMessage(content=f"{ANSWER_HEADING}\n\n{answer}")
+
+
+def render_problem(message: str) -> gr.ChatMessage:
+    """A readable error in the chat (bad input, unreachable backend, model failure); the app keeps serving."""
+    return gr.ChatMessage(content=message, metadata={"title": PROBLEM_TITLE, "status": _DONE})
+
+
+def render_trajectory(
+    trajectory: Trajectory,
+    *,
+    show_reasoning: bool = True,
+    running_code: bool = False,
+    finished: bool = False,
+) -> list[gr.ChatMessage]:
+    """Renders the assistant side of one trajectory, in message order.
+
+    Args:
+        trajectory (`Trajectory`): the trajectory so far (it grows while the loop streams).
+        show_reasoning (`bool`, defaults to `True`): include the model's prose; code, results and the answer are
+            always shown.
+        running_code (`bool`, defaults to `False`): the last code block is in the sandbox now (spinner on it).
+        finished (`bool`, defaults to `False`): the loop has ended; a trajectory without an answer then gets a
+            "no answer" message instead of silently stopping.
+
+    Returns:
+        `list[gr.ChatMessage]`: assistant messages, ready to append to the chat history.
+    """
+    messages: list[gr.ChatMessage] = []
+    parts = trajectory.parts()
+    step = 0
+    answered = False
+    for index, part in enumerate(parts):
+        if isinstance(part, Prose):
+            text = render_prose(part.text)
+            if text and show_reasoning:
+                messages.append(gr.ChatMessage(content=text))
+        elif isinstance(part, Code):
+            step += 1
+            is_last = index == len(parts) - 1
+            messages.append(render_code(part.code, step, running=running_code and is_last))
+        elif isinstance(part, SandboxOutput):
+            messages.append(render_sandbox_output(part, max(step, 1)))
+        elif isinstance(part, Answer):
+            answered = True
+            messages.append(render_answer(part.answer))
+    if finished and not answered:
+        messages.append(render_answer(None))
+    return messages
+
+
+__all__ = [
+    "ANSWER_HEADING",
+    "render_answer",
+    "render_code",
+    "render_problem",
+    "render_prose",
+    "render_sandbox_output",
+    "render_trajectory",
+]
