@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
+import gradio as gr
+from thyme.ui import render
 
-gr = pytest.importorskip("gradio")
-
-from thyme.protocol import MISSING_ANSWER  # noqa: E402
-from thyme.trajectory import ModelText, SandboxOutput, Trajectory  # noqa: E402
-from thyme.ui import render  # noqa: E402
+from thyme.protocol import MISSING_ANSWER
+from thyme.trajectory import ModelText, SandboxOutput, Trajectory
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = json.loads((REPO / "thyme/data/examples/readme_17127.json").read_text(encoding="utf-8"))
