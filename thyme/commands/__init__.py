@@ -13,6 +13,7 @@ import importlib
 # Order is the order of `thyme --help`. A plain list, not a plugin system: a new command is one line here.
 COMMAND_MODULES = (
     "thyme.sandbox.cli",
+    "thyme.commands.tiny_model",
 )
 
 

@@ -1,0 +1,209 @@
+"""Builds a tiny random-weight Qwen2.5-VL checkpoint offline, for tests and dry runs without real weights.
+
+No weights can be downloaded in CI, yet every real path (``from_pretrained``, the processor, the chat template,
+``generate`` with images in several turns, the trainer's loss forward) must run. This module produces a directory
+that looks like a real Qwen2.5-VL checkpoint to transformers:
+
+- a byte-level BPE tokenizer trained here in milliseconds with the ``tokenizers`` library on Thyme text (the system
+  prompt and the README trajectory, so tags such as the code and answer tags become a few tokens each), wrapped as
+  a ``Qwen2Tokenizer`` with Qwen2.5's special and added tokens in Qwen's order (ids 0..21 here);
+- the exact Qwen2.5-VL chat template;
+- the real image processor (``Qwen2VLImageProcessor``, saved with small pixel limits so images stay a few tokens);
+- a ~0.2M-parameter ``Qwen2_5_VLForConditionalGeneration`` (sizes from env-findings.md section 2).
+
+The model's outputs are random; it checks token and image plumbing, not answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+
+from thyme.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Qwen2.5's added tokens in Qwen's id order (151643.. in the real vocabulary, 0.. here). The first 14 are special;
+# the rest are ordinary added tokens, as in the released tokenizer_config.json.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+QWEN_ADDED_TOKENS = (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+TINY_VOCAB_SIZE = 1024
+
+# Smart-resize bounds saved in the tiny checkpoint: 64x64 px is 4 image tokens, 256x256 px is 81.
+TINY_MIN_PIXELS = 28 * 28
+TINY_MAX_PIXELS = 256 * 256
+
+# The Qwen2.5-VL-7B-Instruct chat template, byte for byte (the same text as trl/chat_templates/qwen2_5_vl.jinja;
+# a test compares the two). Kept as a constant because the tiny model must not depend on trl being installed.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+# Model sizes: the smallest Qwen2.5-VL that keeps every code path (windowed + full vision attention, GQA, M-RoPE).
+_TEXT_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1_000_000.0},
+}
+_VISION_CONFIG = {
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [1],
+}
+
+
+def build_tiny_model(output_dir: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Writes a tiny random Qwen2.5-VL checkpoint (model, tokenizer, image processor, chat template).
+
+    Args:
+        output_dir: Directory to write into; created if missing.
+        seed: Seed of the random weights, so two builds with the same seed are identical.
+        overwrite: Allow writing into a non-empty directory (its checkpoint files are replaced).
+
+    Returns:
+        The directory, loadable with ``AutoModelForImageTextToText.from_pretrained`` and
+        :func:`thyme.backends.processor.load_processor`.
+
+    Raises:
+        ConfigError: ``output_dir`` is a file, or a non-empty directory and ``overwrite`` is false (it could hold
+            real weights).
+
+    Example:
+        >>> from thyme.tiny import build_tiny_model
+        >>> path = build_tiny_model("/tmp/thyme-tiny")  # doctest: +SKIP
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"{output} is a file, not a directory: choose a directory for the tiny model")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConfigError(f"{output} is not empty: choose a new directory, or allow overwriting (--overwrite)")
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    token_id = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **_TEXT_CONFIG,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": token_id("<|endoftext|>"),
+            "eos_token_id": token_id("<|im_end|>"),
+            "pad_token_id": token_id("<|endoftext|>"),
+        },
+        vision_config=_VISION_CONFIG,
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = [token_id("<|im_end|>"), token_id("<|endoftext|>")]
+    model.generation_config.pad_token_id = token_id("<|endoftext|>")
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    build_tiny_image_processor().save_pretrained(output)
+    logger.info("tiny Qwen2.5-VL written to %s (%d parameters)", output, model.num_parameters())
+    return output
+
+
+def build_tiny_tokenizer():  # -> transformers.Qwen2Tokenizer (annotation left out: transformers is imported lazily)
+    """Trains the byte-level BPE on Thyme text and wraps it as a ``Qwen2Tokenizer`` with the chat template."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    # The same normalizer and pre-tokenizer as Qwen2's tokenizer.json, so text splits the way the real one does.
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=[*QWEN_SPECIAL_TOKENS, *QWEN_ADDED_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_training_corpus(), trainer=trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(
+        vocab=trained["vocab"],
+        merges=[tuple(merge) for merge in trained["merges"]],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+        model_max_length=_TEXT_CONFIG["max_position_embeddings"],
+    )
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in QWEN_ADDED_TOKENS])
+    tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_image_processor():  # -> Qwen2VLImageProcessorPil
+    """The real Qwen2-VL image processor (PIL variant: it needs no torchvision) with small pixel limits."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+
+
+def _training_corpus() -> list[str]:
+    """Thyme text shipped in the package: the system prompt and the README trajectory, plus digits and words."""
+    data = resources.files("thyme") / "data"
+    example = json.loads((data / "examples" / "readme_17127.json").read_text(encoding="utf-8"))
+    texts = [(data / "system_prompt.txt").read_text(encoding="utf-8"), example["question"], example["code"]]
+    texts += list(example["segments"])
+    texts.append(" ".join(str(number) for number in range(2000)))
+    return texts * 4
