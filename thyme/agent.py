@@ -65,7 +65,8 @@ class ThymeAgent:
             id_or_path (`str | Path`): a hub id or a local directory.
             config (`AgentConfig`, *optional*): agent settings.
             sandbox (`thyme.sandbox.Sandbox`, *optional*): a sandbox to share.
-            **backend_kwargs: passed to ``TransformersBackend`` (dtype, device, attention implementation, ...).
+            **backend_kwargs: passed to ``TransformersBackend.from_pretrained`` (``dtype``, ``device``,
+                ``attn_implementation``).
 
         Raises:
             ModelNotFoundError: the path does not exist (the message says how to get the weights), or the backend
@@ -78,7 +79,7 @@ class ThymeAgent:
             text = str(path)
         elif not _HUB_ID_RE.match(text):
             raise ModelNotFoundError(f"model path {text} does not exist: {_WEIGHTS_HINT}")
-        backend = BACKENDS["transformers"](text, **backend_kwargs)
+        backend = BACKENDS["transformers"].from_pretrained(text, **backend_kwargs)
         return cls(backend, config=config, sandbox=sandbox)
 
     @property

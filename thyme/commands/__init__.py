@@ -14,6 +14,7 @@ import importlib
 COMMAND_MODULES = (
     "thyme.sandbox.cli",
     "thyme.commands.tiny_model",
+    "thyme.commands.answer",
 )
 
 

@@ -1,0 +1,145 @@
+"""``thyme answer IMAGE QUESTION``: ask one question, watch the reasoning stream, get the answer last."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Adds the ``answer`` sub-command."""
+    parser = commands.add_parser(
+        "answer",
+        help="answer a question about an image (reasoning streams, answer last)",
+        description=(
+            "Runs the Thyme agent on one image: the model reasons, writes Python that the sandbox runs, sees the "
+            "crops it made, and answers. Choose the model with --model (a hub id or a local directory, loaded with "
+            "transformers), --endpoint (an OpenAI-compatible server such as vLLM) or --scripted (replay recorded "
+            "model text, no weights needed)."
+        ),
+    )
+    parser.add_argument("image", type=Path, metavar="IMAGE", help="the image file")
+    parser.add_argument("question", metavar="QUESTION", help="the question (quote it)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="ID_OR_PATH", help="hub id (Kwai-Keye/Thyme-RL) or local checkpoint")
+    source.add_argument("--endpoint", metavar="URL", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    source.add_argument("--scripted", type=Path, metavar="FILE", help="replay model text from a JSON script")
+    parser.add_argument("--model-name", metavar="NAME", help="model name to request from --endpoint")
+    parser.add_argument("--device", help="transformers device: cpu, cuda, cuda:1 or auto (default: cuda if any)")
+    parser.add_argument("--dtype", default="auto", help="transformers dtype: auto, bfloat16, float16, float32")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (answer + trajectory) only")
+    parser.add_argument("--save-dir", type=Path, metavar="DIR", help="keep the sandbox images and trajectory.json")
+    parser.add_argument("--max-generation-calls", type=int, default=5, metavar="N", help="calls per attempt (5)")
+    parser.add_argument("--max-new-tokens", type=int, default=2048, metavar="N", help="tokens per call (2048)")
+    parser.add_argument("--sampling", choices=("greedy", "ats"), default="greedy", help="decoding policy (greedy)")
+    parser.add_argument("--max-attempts", type=int, default=2, metavar="N", help="attempts before the fallback (2)")
+    parser.add_argument("--no-fallback", action="store_true", help="do not ask the plain fallback prompt")
+    parser.add_argument("--hide-sandbox-errors", action="store_true", help="drop failed code blocks (original eval)")
+    parser.add_argument("--min-pixels", type=int, default=3136, help="min pixels per image for the model")
+    parser.add_argument("--max-pixels", type=int, default=12_845_056, help="max pixels per image for the model")
+    parser.add_argument("--sandbox-timeout-s", type=float, default=10.0, help="seconds per code block (10)")
+    parser.add_argument("--seed", type=int, help="sampling seed")
+    parser.set_defaults(handler=run_answer)
+
+
+def _build_backend(args: argparse.Namespace) -> Any:
+    from thyme.backends import BACKENDS
+    from thyme.errors import ConfigError
+
+    if args.model_name and not args.endpoint:
+        raise ConfigError("--model-name only applies with --endpoint")
+    if args.scripted:
+        return BACKENDS["scripted"](args.scripted)
+    if args.endpoint:
+        return BACKENDS["openai"](args.endpoint, model=args.model_name)
+    return None  # --model: ThymeAgent.from_pretrained builds the transformers backend
+
+
+def _print_event(event: Any, out: TextIO) -> None:
+    """Streams one loop event as plain text: the model's words as they come, sandbox results in brackets."""
+    from thyme.loop import AttemptStarted, SandboxFinished, TextGenerated
+
+    if isinstance(event, AttemptStarted) and (event.attempt > 1 or event.fallback):
+        label = "fallback prompt" if event.fallback else f"attempt {event.attempt}"
+        out.write(f"\n[no answer yet: {label}]\n")
+    elif isinstance(event, TextGenerated):
+        out.write(event.segment.text)
+    elif isinstance(event, SandboxFinished):
+        output = event.output
+        hidden = " (hidden from the model)" if event.hidden else ""
+        if output.images:
+            out.write("".join(f"\n[sandbox image: {path}]" for path in output.images) + "\n")
+        elif output.error:
+            out.write(f"\n[sandbox error{hidden}: {output.error}]\n")
+        else:
+            out.write(f"\n[sandbox output: {output.text}]\n")
+    out.flush()
+
+
+def _make_config(args: argparse.Namespace, images_dir: Path) -> Any:
+    from thyme.config import AgentConfig
+
+    return AgentConfig(
+        max_generation_calls=args.max_generation_calls,
+        max_new_tokens=args.max_new_tokens,
+        sampling=args.sampling,
+        seed=args.seed,
+        max_attempts=args.max_attempts,
+        use_fallback=not args.no_fallback,
+        show_sandbox_errors=not args.hide_sandbox_errors,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        sandbox_timeout_s=args.sandbox_timeout_s,
+        images_dir=images_dir,
+    )
+
+
+def _report(result: Any, args: argparse.Namespace) -> None:
+    if args.save_dir:
+        result.trajectory.save(args.save_dir / "trajectory.json")
+    if args.json:
+        summary = {
+            "answer": result.answer,
+            "has_answer": result.has_answer,
+            "stop_reason": result.stop_reason,
+            "used_fallback": result.used_fallback,
+            "generation_calls": result.generation_calls,
+            "code_runs": result.code_runs,
+            "code_errors": result.code_errors,
+            "trajectory": result.trajectory.to_dict(),
+        }
+        print(json.dumps(summary, ensure_ascii=False))
+        return
+    print(f"\n\nAnswer: {result.answer}")
+    if args.save_dir:
+        images = len(result.trajectory.sandbox_images)
+        print(f"saved: {args.save_dir / 'trajectory.json'} and {images} sandbox image(s) in {args.save_dir}")
+
+
+def run_answer(args: argparse.Namespace) -> int:
+    """Builds the agent from the flags, streams the run, prints the answer (or JSON), saves if asked.
+
+    Returns 0 also when the model gave no answer: that is a defined outcome (``has_answer`` false, the original's
+    "No answer tag found" text as the answer), not a failure of the command.
+    """
+    from thyme.agent import ThymeAgent
+    from thyme.loop import Finished
+
+    with tempfile.TemporaryDirectory(prefix="thyme-answer-") as scratch:
+        config = _make_config(args, args.save_dir or Path(scratch))
+        backend = _build_backend(args)
+        if backend is None:
+            agent = ThymeAgent.from_pretrained(args.model, config=config, dtype=args.dtype, device=args.device)
+        else:
+            agent = ThymeAgent(backend, config=config)
+        with agent:
+            for event in agent.stream(args.image, args.question):
+                if not args.json:
+                    _print_event(event, sys.stdout)
+                if isinstance(event, Finished):
+                    _report(event.result, args)
+    return 0
