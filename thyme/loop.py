@@ -235,7 +235,7 @@ def _sandbox_output(result: Any, scratch_dir: Path, images_dir: Path, prefix: st
 
 def _run_attempt(
     backend: Backend,
-    sandbox: Any,
+    session: Any,
     request: RolloutRequest,
     config: AgentConfig,
     trajectory: Trajectory,
@@ -243,33 +243,31 @@ def _run_attempt(
     sampled: bool,
     counters: _Counters,
 ) -> Iterator[Event]:
-    """Runs one attempt in its own sandbox session (fresh variables, as the original); returns the stop reason."""
-    item_id = request.item_id or Path(request.image_path).stem
-    with sandbox.session(image=request.image_path, item_id=item_id) as session:
-        for call_index in range(config.max_generation_calls):
-            sampling, stop = _choose_call(trajectory, config, sampled)
-            generation: Generation = backend.generate(trajectory.to_messages(), stop=stop, sampling=sampling)
-            counters.calls += 1
-            text = _cut_at_stop(generation.text, stop)
-            if not text:
-                return STOP_EMPTY
-            segment = ModelText(text, generation, sampling)
-            trajectory.segments.append(segment)
-            yield TextGenerated(segment, call_index)
-            if ANSWER_CLOSE in text and extract_answer(trajectory.text) is not None:
-                return STOP_ANSWER
-            if text.endswith(CODE_CLOSE):
-                code = _pending_code(trajectory)
-                if code is None:
-                    return STOP_MALFORMED_CODE
-                yield from _execute(session, code, request, config, trajectory, f"a{attempt}_c{call_index}", counters)
-                continue
-            if sampled and text.rstrip().endswith(CODE_OPEN):
-                continue  # ATS: the code itself comes from the next, greedy call
-            if generation.finish_reason != FINISH_LENGTH:
-                return STOP_EOS
-            if is_repetitive(trajectory.text, config.repetition_min_chars):
-                return STOP_REPETITION
+    """Runs one attempt's generation calls in its sandbox session; returns the stop reason."""
+    for call_index in range(config.max_generation_calls):
+        sampling, stop = _choose_call(trajectory, config, sampled)
+        generation: Generation = backend.generate(trajectory.to_messages(), stop=stop, sampling=sampling)
+        counters.calls += 1
+        text = _cut_at_stop(generation.text, stop)
+        if not text:
+            return STOP_EMPTY
+        segment = ModelText(text, generation, sampling)
+        trajectory.segments.append(segment)
+        yield TextGenerated(segment, call_index)
+        if ANSWER_CLOSE in text and extract_answer(trajectory.text) is not None:
+            return STOP_ANSWER
+        if text.endswith(CODE_CLOSE):
+            code = _pending_code(trajectory)
+            if code is None:
+                return STOP_MALFORMED_CODE
+            yield from _execute(session, code, request, config, trajectory, f"a{attempt}_c{call_index}", counters)
+            continue
+        if sampled and text.rstrip().endswith(CODE_OPEN):
+            continue  # ATS: the code itself comes from the next, greedy call
+        if generation.finish_reason != FINISH_LENGTH:
+            return STOP_EOS
+        if is_repetitive(trajectory.text, config.repetition_min_chars):
+            return STOP_REPETITION
     return STOP_BUDGET
 
 
@@ -296,12 +294,21 @@ def _execute(
     yield SandboxFinished(code, output, hidden)
 
 
-def new_trajectory(request: RolloutRequest, config: AgentConfig, *, fallback: bool = False) -> Trajectory:
-    """The [system, user] start of a trajectory: the official prompts, or the fallback conversation."""
+def new_trajectory(
+    request: RolloutRequest, config: AgentConfig, *, prompt_path: str | None = None, fallback: bool = False
+) -> Trajectory:
+    """The [system, user] start of a trajectory: the official prompts, or the fallback conversation.
+
+    Args:
+        prompt_path (`str`, *optional*): the image path the prompt tells the model, i.e. the path the sandbox
+            session gives the code (``session.input_paths[0]``); default: ``request.image_path``. The image item
+            itself always points at the original file.
+    """
     if fallback:
         system, text = FALLBACK_SYSTEM_PROMPT, fallback_prompt(request.question)
     else:
-        prompt = user_prompt(request.question, request.image_path, request.width, request.height)
+        path = prompt_path or request.image_path
+        prompt = user_prompt(request.question, path, request.width, request.height)
         system, text = SYSTEM_PROMPT, user_text_item(prompt, eval_image_quirk=config.eval_image_quirk)
     return Trajectory(
         system_prompt=system,
@@ -346,15 +353,18 @@ def run_rollout(backend: Backend, sandbox: Any, request: RolloutRequest, config:
     """
     request.images_dir.mkdir(parents=True, exist_ok=True)
     counters = _Counters()
+    item_id = request.item_id or Path(request.image_path).stem
     attempts: list[Trajectory] = []
     reason = STOP_BUDGET
     for attempt in range(1, config.max_attempts + 1):
-        trajectory = new_trajectory(request, config)
-        trajectory.metadata["attempt"] = attempt
-        attempts.append(trajectory)
-        yield AttemptStarted(attempt, False, trajectory)
         sampled = config.sampling == "ats" or attempt > 1
-        reason = yield from _run_attempt(backend, sandbox, request, config, trajectory, attempt, sampled, counters)
+        # A fresh session per attempt: no variables leak from a failed attempt (the original reset its context).
+        with sandbox.session(image=request.image_path, item_id=item_id) as session:
+            trajectory = new_trajectory(request, config, prompt_path=session.input_paths[0])
+            trajectory.metadata["attempt"] = attempt
+            attempts.append(trajectory)
+            yield AttemptStarted(attempt, False, trajectory)
+            reason = yield from _run_attempt(backend, session, request, config, trajectory, attempt, sampled, counters)
         trajectory.metadata["stop_reason"] = reason
         yield AttemptFinished(attempt, reason, trajectory)
         if reason == STOP_ANSWER:
