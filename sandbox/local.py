@@ -1,0 +1,138 @@
+"""``Sandbox``: a pool of warm worker processes on this machine, handing out sessions."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from thyme.sandbox.errors import InvalidInput, SandboxClosed
+from thyme.sandbox.limits import Limits
+from thyme.sandbox.pool import WorkerPool
+from thyme.sandbox.process import WorkerProcess
+from thyme.sandbox.repair import RepairConfig
+from thyme.sandbox.result import ExecutionResult
+from thyme.sandbox.session import Session
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POOL_SIZE = 2
+"""Idle workers kept ready. Each holds ~100 MiB resident after its warm imports."""
+
+ImagePath = str | os.PathLike[str]
+
+
+class Sandbox:
+    """Runs model-written code in isolated worker processes, one worker per session.
+
+    Args:
+        timeout (`float`, *optional*): wall-clock seconds per code block; overrides ``limits.timeout_s``.
+        limits (`Limits`, *optional*): memory, CPU, file, stdout and pixel limits (defaults: :class:`Limits`).
+        repairs (`RepairConfig`, *optional*): which source repairs run (defaults: all the weights expect).
+        pool_size (`int`, defaults to `2`): warm workers kept ready.
+        work_dir (`str` or `os.PathLike`, *optional*): where session dirs are made (default: a new temp dir).
+        url (`str`, *optional*): use a remote sandbox server instead (returns a ``RemoteSandbox``).
+        token (`str`, *optional*): the remote server's bearer token.
+
+    Example:
+
+    ```python
+    >>> from thyme.sandbox import Sandbox
+    >>> with Sandbox(timeout=10) as sb:
+    ...     session = sb.session(image="/abs/17127.jpg")
+    ...     result = session.run("print(1 + 1)")
+    >>> result.ok, result.stdout
+    (True, '2\\n')
+    ```
+    """
+
+    def __new__(cls, timeout: float | None = None, **kwargs: Any) -> Any:
+        if kwargs.get("url") is not None:
+            # The remote pool's limits (timeout included) are the server's; only the address and token are ours.
+            from thyme.sandbox.remote import RemoteSandbox
+
+            return RemoteSandbox(kwargs["url"], token=kwargs.get("token"))
+        return super().__new__(cls)
+
+    def __init__(self, timeout: float | None = None, *, limits: Limits | None = None,
+                 repairs: RepairConfig | None = None, pool_size: int = DEFAULT_POOL_SIZE,
+                 work_dir: ImagePath | None = None, url: str | None = None, token: str | None = None) -> None:
+        limits = limits or Limits()
+        if timeout is not None:
+            limits = dataclasses.replace(limits, timeout_s=timeout)
+        if pool_size < 0:
+            raise InvalidInput(f"pool_size ({pool_size}) must be >= 0")
+        self.limits = limits
+        self.repairs = repairs or RepairConfig()
+        self._own_root = work_dir is None
+        root = Path(tempfile.mkdtemp(prefix="thyme-sandbox-")) if work_dir is None else Path(work_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o711)
+        self.root = root
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._closed = False
+        self._pool = WorkerPool(self._start_worker, pool_size)
+        self.isolation: dict[str, str] = {}
+
+    def _start_worker(self) -> WorkerProcess:
+        worker = WorkerProcess(self.limits, str(self.root))
+        self.isolation = {"network": worker.network, "user": worker.user}
+        return worker
+
+    def session(self, image: ImagePath | None = None, *, images: Sequence[ImagePath] | None = None,
+                item_id: str | None = None) -> Session:
+        """Opens a conversation over one image (``image=``) or several (``images=``).
+
+        Raises:
+            InvalidInput: no image, or a path that is not a file.
+            SandboxClosed: the Sandbox was closed.
+        """
+        if self._closed:
+            raise SandboxClosed("the Sandbox is closed; create a new Sandbox")
+        if (image is None) == (images is None):
+            raise InvalidInput("pass exactly one of image=PATH or images=[PATH, ...]")
+        paths = [image] if image is not None else list(images or [])
+        session = Session(paths, item_id, self.root, self.limits, self.repairs, self._pool.acquire)
+        self._sessions.add(session)
+        return session
+
+    def run(self, code: str, image: ImagePath | None = None, *, images: Sequence[ImagePath] | None = None,
+            item_id: str | None = None) -> ExecutionResult:
+        """One-shot: runs ``code`` in a fresh session and closes it. The images are deleted with the session, so
+        copy ``result.images`` somewhere if you need them (or use :meth:`session`)."""
+        with self.session(image, images=images, item_id=item_id) as session:
+            return session.run(code)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> bool:
+        """Blocks until the warm workers are started; returns whether they are."""
+        return self._pool.wait_ready(timeout_s)
+
+    def close(self) -> None:
+        """Stops every worker and deletes every session's files."""
+        if self._closed:
+            return
+        self._closed = True
+        for session in list(self._sessions):
+            session.close()
+        self._pool.close()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            logger.warning("Sandbox was not closed; closing it now (use `with Sandbox() as sb:` or sb.close())")
+            self.close()

@@ -1,0 +1,263 @@
+"""The language policy: what the model's code may say, checked by RestrictedPython and a few guards.
+
+RestrictedPython compiles the code so that attribute reads, item access, iteration, unpacking and ``print`` go
+through the guard functions defined here, and names or attributes starting with ``_`` do not compile. On top:
+
+- imports come from an allow-list and return facades (:mod:`thyme.sandbox.facades`), never real modules that
+  reach os/sys;
+- ``_getattr_`` refuses module objects, confines ``PIL.Image.Image.save`` to the scratch dir, refuses file methods
+  of library objects (``ndarray.tofile``, ``Image.show``, cv2 ``Algorithm.save``) and turns ``str.format`` into a
+  formatter whose fields go through the same guards (``"{0.__class__}".format(x)`` is a known escape);
+- the builtins are a normal safe set, larger than the original's (``bool``, ``set``, ``getattr``, classes...);
+- ``d['k'] += 1`` and ``obj.x += 1`` are rewritten to plain assignments first, since RestrictedPython refuses them.
+
+This is a filter, not the security boundary: the worker process and its limits are (see ``worker.py``).
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import operator
+import string
+from collections.abc import Callable
+from types import CodeType, ModuleType
+from typing import Any
+
+from RestrictedPython import compile_restricted_exec, limited_builtins, safe_builtins
+from RestrictedPython.Eval import default_guarded_getitem, default_guarded_getiter
+from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
+from RestrictedPython.transformer import INSPECT_ATTRIBUTES
+from thyme.sandbox.errors import PolicyViolation
+from thyme.sandbox.facades import REFUSED_METHODS, ModuleFacade, PathPolicy
+
+ALLOWED_IMPORTS = frozenset({"cv2", "numpy", "PIL", "math", "cmath", "random", "re", "json", "collections",
+                             "itertools", "functools", "statistics", "fractions", "decimal", "datetime", "time",
+                             "string", "uuid", "os"})
+"""Top-level modules the code may import; each maps to a facade or to a module without a way out."""
+
+EXTRA_BUILTINS = ("sorted", "max", "min", "sum", "zip", "enumerate", "map", "filter", "any", "all", "dict", "set",
+                  "frozenset", "reversed", "type", "list", "tuple", "iter", "next", "format", "bytes", "bytearray",
+                  "object", "property", "staticmethod", "classmethod", "super", "hasattr", "ascii", "bin",
+                  "StopIteration", "ZeroDivisionError", "NotImplemented", "dir")
+SANDBOX_MODULE_NAME = "__sandbox__"
+_INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv, "//=": operator.ifloordiv,
+    "%=": operator.imod, "**=": operator.ipow, "<<=": operator.ilshift, ">>=": operator.irshift,
+    "&=": operator.iand, "|=": operator.ior, "^=": operator.ixor, "@=": operator.imatmul,
+}
+_MISSING = object()
+
+
+def compile_code(source: str, filename: str = "<code>") -> CodeType:
+    """Compiles the model's code under the policy.
+
+    Raises:
+        SyntaxError: the code is not Python, or uses what the policy forbids at compile time (``_`` names, ``exec``).
+    """
+    tree = _AugmentedTargets().visit(ast.parse(source, filename))
+    result = compile_restricted_exec(ast.unparse(ast.fix_missing_locations(tree)), filename)
+    if result.errors or result.code is None:
+        raise SyntaxError("; ".join(result.errors))
+    return result.code
+
+
+class _AugmentedTargets(ast.NodeTransformer):
+    """``t[k] += v`` -> ``t[k] = t[k] + v`` (RestrictedPython only allows augmented assignment to plain names).
+
+    The container expression is evaluated twice; for the subscripts and attributes model code uses this is the
+    same object both times.
+    """
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> ast.stmt:
+        if isinstance(node.target, ast.Name):
+            return node
+        load = ast.parse(ast.unparse(node.target), mode="eval").body
+        value = ast.BinOp(left=load, op=node.op, right=node.value)
+        return ast.copy_location(ast.Assign(targets=[node.target], value=value), node)
+
+
+class PrintCollector:
+    """The one stdout of a run: every ``print``, in any function, lands here, capped at ``limit`` characters."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[str] = []
+        self.size = 0
+        self.dropped = 0
+
+    def __call__(self, _getattr: Any = None) -> PrintCollector:
+        return self  # RestrictedPython calls _print_(_getattr_) once per scope; every scope shares this buffer
+
+    def _call_print(self, *objects: Any, sep: str | None = " ", end: str | None = "\n", **_ignored: Any) -> None:
+        separator = " " if sep is None else str(sep)
+        text = separator.join(str(obj) for obj in objects) + ("\n" if end is None else str(end))
+        room = self.limit - self.size
+        if room > 0:
+            self.parts.append(text[:room])
+        self.size += min(len(text), max(room, 0))
+        self.dropped += max(len(text) - max(room, 0), 0)
+
+    def text(self) -> str:
+        out = "".join(self.parts)
+        if self.dropped:
+            out += f"\n[stdout cut: {self.dropped} more characters not shown]"
+        return out
+
+    def reset(self) -> None:
+        self.parts, self.size, self.dropped = [], 0, 0
+
+
+class _SafeFormatter(string.Formatter):
+    """``str.format`` whose ``{0.attr}`` and ``{0[key]}`` fields go through the guards."""
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        first, rest = _formatter_field_name_split(field_name)
+        obj = self.get_value(first, args, kwargs)
+        for is_attr, key in rest:
+            obj = guarded_getattr(obj, key) if is_attr else default_guarded_getitem(obj, key)
+        return obj, first
+
+
+def _formatter_field_name_split(field_name: str) -> tuple[Any, Any]:
+    import _string
+
+    return _string.formatter_field_name_split(field_name)
+
+
+def _confined_save(paths: PathPolicy, image: Any) -> Callable[..., Any]:
+    def save(fp: Any, format: Any = None, **params: Any) -> Any:
+        width, height = image.size
+        paths.check_pixels(width, height, "the image to save")
+        return image.save(paths.writable(fp), format, **params)
+
+    return save
+
+
+def make_getattr(paths: PathPolicy) -> Callable[..., Any]:
+    """The ``_getattr_`` guard (also the ``getattr`` builtin) of one session."""
+    from PIL import Image
+
+    def getattr_(obj: Any, name: str, default: Any = _MISSING) -> Any:
+        try:
+            return _guarded(obj, name)
+        except AttributeError:
+            if default is _MISSING:
+                raise
+            return default
+
+    def _guarded(obj: Any, name: str) -> Any:
+        if isinstance(obj, str) and isinstance(name, str) and name in ("format", "format_map"):
+            formatter = _SafeFormatter()
+            if name == "format":
+                return lambda *args, **kwargs: formatter.vformat(obj, args, kwargs)
+            return lambda mapping: formatter.vformat(obj, (), mapping)
+        if isinstance(obj, Image.Image) and name == "save":
+            return _confined_save(paths, obj)
+        if isinstance(obj, type) and issubclass(obj, Image.Image) and name == "save":
+            return lambda image, *args, **kwargs: _confined_save(paths, image)(*args, **kwargs)
+        if name in REFUSED_METHODS and _is_library_object(obj):
+            raise PolicyViolation(f"{type(obj).__name__}.{name} is not available in the sandbox")
+        return guarded_getattr(obj, name)
+
+    return getattr_
+
+
+def guarded_getattr(obj: Any, name: str) -> Any:
+    """Refuses ``_`` names, frame/code introspection attributes and module values; else a plain ``getattr``.
+
+    RestrictedPython's ``safer_getattr`` turns a missing attribute into ``None``; here AttributeError propagates,
+    so a facade's refusal reaches the model with its reason.
+    """
+    if not isinstance(name, str):
+        raise TypeError("attribute name must be a string")
+    if name.startswith("_") or name in INSPECT_ATTRIBUTES:
+        raise PolicyViolation(f"attribute {name!r} is not available in the sandbox")
+    if isinstance(obj, str) and name in ("format", "format_map"):
+        raise PolicyViolation("str.format is only available on a string directly")
+    value = getattr(obj, name)
+    if isinstance(value, ModuleType):
+        raise PolicyViolation(f"module attribute {_describe(obj)}.{name} is not available in the sandbox")
+    return value
+
+
+def _is_library_object(obj: Any) -> bool:
+    module = getattr(type(obj), "__module__", "") or ""
+    if isinstance(obj, type):
+        module = getattr(obj, "__module__", "") or ""
+    return module != SANDBOX_MODULE_NAME and module.split(".")[0] in {"cv2", "numpy", "PIL"}
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, ModuleFacade):
+        return object.__getattribute__(obj, "_name")
+    return getattr(obj, "__name__", type(obj).__name__)
+
+
+def make_import(modules: dict[str, Any]) -> Callable[..., Any]:
+    """The ``__import__`` of the sandbox: allow-listed top-level names, facades instead of modules."""
+
+    def import_(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
+        if fromlist is not None and list(fromlist) == ["__doc__"]:
+            # C code calling PyImport_Import from the sandbox's frame (numpy's lazy `arr.mean()` helpers) passes
+            # this fromlist and then reads sys.modules itself; sandbox code cannot spell `__doc__`.
+            return builtins.__import__(name, None, None, fromlist, level)
+        top = name.split(".")[0]
+        if level != 0 or top not in modules:
+            allowed = ", ".join(sorted(ALLOWED_IMPORTS))
+            raise ImportError(f"import of {name!r} is not allowed in the sandbox; allowed modules: {allowed}")
+        module = modules[top]
+        if fromlist or "." not in name:
+            for part in name.split(".")[1:]:
+                module = getattr(module, part)
+            return module
+        # `import PIL.Image` binds `PIL`: check that the submodule exists in the facade first.
+        target = module
+        for part in name.split(".")[1:]:
+            target = getattr(target, part)
+        return module
+
+    return import_
+
+
+def refuse_write(obj: Any) -> Any:
+    """The ``_write_`` guard: sandbox objects may be changed; modules, facades and library classes may not."""
+    if isinstance(obj, (ModuleType, ModuleFacade)):
+        raise PolicyViolation("modules cannot be modified in the sandbox")
+    if isinstance(obj, type) and obj.__module__ != SANDBOX_MODULE_NAME:
+        raise PolicyViolation(f"class {obj.__name__} cannot be modified in the sandbox")
+    return obj
+
+
+def make_globals(paths: PathPolicy, modules: dict[str, Any], collector: PrintCollector,
+                 open_function: Callable[..., Any]) -> dict[str, Any]:
+    """The one namespace of a session (globals and locals together, so functions see module variables)."""
+    getattr_ = make_getattr(paths)
+    names: dict[str, Any] = dict(safe_builtins)
+    names.update(limited_builtins)
+    for name in EXTRA_BUILTINS:
+        names[name] = getattr(builtins, name)
+    names.update(
+        __import__=make_import(modules), getattr=getattr_, open=open_function, _getattr_=getattr_,
+        isinstance=isinstance, issubclass=issubclass, print=collector._call_print,
+    )
+    for name in ("setattr", "delattr"):
+        names.pop(name, None)  # they bypass _write_; attribute assignment syntax is guarded instead
+    for name in dir(builtins):
+        value = getattr(builtins, name)
+        if isinstance(value, type) and issubclass(value, BaseException) and not name.startswith("_"):
+            names.setdefault(name, value)
+    return {
+        "__builtins__": names,
+        "__name__": SANDBOX_MODULE_NAME,
+        "__metaclass__": type,
+        "_getattr_": getattr_,
+        "_getitem_": default_guarded_getitem,
+        "_getiter_": default_guarded_getiter,
+        "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
+        "_unpack_sequence_": guarded_unpack_sequence,
+        "_write_": refuse_write,
+        "_inplacevar_": lambda op, x, y: _INPLACE_OPERATORS[op](x, y),
+        "_apply_": lambda function, *args, **kwargs: function(*args, **kwargs),
+        "_print_": collector,
+    }

@@ -1,0 +1,155 @@
+"""One conversation with the sandbox: its input copies, its scratch dir, and the worker that holds its variables."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from thyme.sandbox.errors import InvalidInput, SandboxClosed
+from thyme.sandbox.limits import Limits
+from thyme.sandbox.process import ExecutionTimedOut, WorkerDied, WorkerProcess
+from thyme.sandbox.repair import RepairConfig
+from thyme.sandbox.result import ExecutionResult, detect_images
+
+logger = logging.getLogger(__name__)
+
+OPEN_TIMEOUT_S = 30.0
+"""Time a worker may take to build a session's namespace and read the input headers."""
+
+NOBODY_UID = 65534
+
+
+class Session:
+    """A conversation: code blocks run one after another in the same worker, so variables and imports persist.
+
+    Create it with :meth:`Sandbox.session`. The images the code saves stay on disk until :meth:`close`.
+
+    Attributes:
+        input_paths (`list[str]`): the paths to tell the model (the prompt's image path). They are read-only
+            copies of the caller's files, which the code can never modify.
+        scratch_dir (`pathlib.Path`): where the code's files go; ``/mnt/data/temp_processed_images/`` stands for it.
+        item_id (`str`): the id in every error line (``Sandbox for <item_id>: ...``).
+    """
+
+    def __init__(self, images: Sequence[str | os.PathLike[str]], item_id: str | None, root: Path, limits: Limits,
+                 repairs: RepairConfig, acquire: Callable[[], WorkerProcess]) -> None:
+        originals = [_check_image_path(path) for path in images]
+        if not originals:
+            raise InvalidInput("a session needs at least one input image: pass image=PATH or images=[...]")
+        self.item_id = item_id if item_id is not None else Path(originals[0]).stem
+        self._limits = limits
+        self._repairs = repairs
+        self._acquire = acquire
+        self._lock = threading.Lock()
+        self._closed = False
+        self._dir = Path(tempfile.mkdtemp(prefix="session-", dir=root))
+        self._dir.chmod(0o711)  # our own temp dir: the worker (nobody) may pass through, not list
+        self._inputs = self._copy_inputs(originals)
+        self.input_paths: list[str] = list(self._inputs.values())
+        self.scratch_dir = self._dir / "scratch"
+        self.scratch_dir.mkdir(mode=0o700)
+        if os.geteuid() == 0:
+            os.chown(self.scratch_dir, NOBODY_UID, NOBODY_UID)
+        self._worker: WorkerProcess | None = None
+        self._input_error: str | None = None
+        try:
+            self._start_worker()
+        except BaseException:
+            self.close()
+            raise
+
+    def _copy_inputs(self, originals: list[str]) -> dict[str, str]:
+        inputs_dir = self._dir / "inputs"
+        inputs_dir.mkdir(mode=0o755)
+        copies: dict[str, str] = {}
+        for index, original in enumerate(originals):
+            name = Path(original).name
+            target = inputs_dir / (name if not (inputs_dir / name).exists() else f"{index}_{name}")
+            shutil.copyfile(original, target)  # a copy, not chmod: the caller's file is never touched
+            target.chmod(0o444)
+            copies[original] = str(target)
+        return copies
+
+    def _start_worker(self) -> None:
+        worker = self._acquire()
+        try:
+            reply = worker.request(
+                {"op": "open", "scratch_dir": str(self.scratch_dir), "inputs": list(self._inputs.items()),
+                 "repairs": vars(self._repairs)},
+                OPEN_TIMEOUT_S,
+            )
+        except (ExecutionTimedOut, WorkerDied):
+            worker.kill()
+            raise
+        self._worker = worker
+        self._input_error = reply.get("input_error")
+
+    def run(self, code: str) -> ExecutionResult:
+        """Runs one code block. Never raises for anything the code does; see ``ExecutionResult.error``.
+
+        Raises:
+            SandboxClosed: the session or its Sandbox was closed.
+            WorkerError: no worker could be started to run the code.
+        """
+        with self._lock:
+            if self._closed:
+                raise SandboxClosed(f"session {self.item_id!r} is closed")
+            lost = ""
+            if self._worker is None or not self._worker.alive:
+                self._start_worker()
+                lost = " (the previous sandbox process was stopped: variables from earlier code blocks are gone)"
+            if self._input_error is not None:
+                return self._failed(f"Cannot run code: {self._input_error}.", "")
+            assert self._worker is not None
+            timeout_s = self._limits.timeout_s
+            try:
+                reply = self._worker.request({"op": "run", "code": code}, timeout_s)
+            except ExecutionTimedOut:
+                self._worker = None
+                return self._failed(f"Execution timed out after {timeout_s:g} seconds.", "")
+            except WorkerDied as exc:
+                self._worker = None
+                return self._failed(f"Code execution failed: {exc}; variables from earlier code blocks are gone.", "")
+            stdout = str(reply.get("stdout", ""))
+            repairs = [str(note) for note in reply.get("repairs", [])]
+            if reply.get("error"):
+                return self._failed(f"{reply['error']}{lost}", stdout, repairs)
+            images, problem = detect_images(stdout, reply.get("processed_path"),
+                                            bool(reply.get("processed_path_is_str")), str(self.scratch_dir))
+            if problem is not None:
+                return self._failed(problem, stdout, repairs)
+            return ExecutionResult(ok=True, stdout=stdout, images=images, repairs=repairs)
+
+    def _failed(self, message: str, stdout: str, repairs: list[str] | None = None) -> ExecutionResult:
+        error = f"Sandbox for {self.item_id}: {message}"
+        logger.debug("%s", error)
+        return ExecutionResult(ok=False, stdout=stdout, error=error, repairs=repairs or [])
+
+    def close(self) -> None:
+        """Stops the worker and deletes the input copies and the saved images."""
+        with self._lock:
+            self._closed = True
+            if self._worker is not None:
+                self._worker.kill()
+                self._worker = None
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+
+def _check_image_path(path: str | os.PathLike[str]) -> str:
+    absolute = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(absolute):
+        raise InvalidInput(f"input image {absolute!r} does not exist or is not a file: pass the path of an image")
+    return absolute
