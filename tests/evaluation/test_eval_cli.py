@@ -1,0 +1,51 @@
+"""`thyme bench synth` and `thyme eval` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from thyme.cli import main
+from thyme.evaluation.datasets import load_dataset
+
+
+def test_bench_synth_then_eval_scripted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "synth", "--out", str(tmp_path / "set"), "--n", "4", "--size", "512", "--seed", "1"]) == 0
+    assert "wrote 4 rows to" in capsys.readouterr().out
+    data = tmp_path / "set" / "synth.jsonl"
+    items = load_dataset(data)
+    # Right answers for rows 0 and 1 (letters), wrong for 2 and 3.
+    script = {item.index: [f"<answer>{item.answer if n < 2 else 'nope'}</answer>"] for n, item in enumerate(items)}
+    (tmp_path / "script.json").write_text(json.dumps(script))
+    argv = ["eval", "--data", str(data), "--scripted", str(tmp_path / "script.json"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy 50.0 % (2/4), mode thyme, 0 resumed" in out
+    assert "  color: 100.0 % (1/1)" in out
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["backend"] == "scripted"
+    assert main([*argv, "--no-progress"]) == 0  # resumed: nothing left to run
+    assert "4 resumed" in capsys.readouterr().out
+
+
+def test_eval_flag_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"image": "x.jpg", "question": "q", "answer": "a"}) + "\n")
+    assert main(["eval", "--data", str(data), "--model", str(tmp_path), "--workers", "2", "--out", str(tmp_path)]) == 1
+    assert "--workers > 1 needs --endpoint" in capsys.readouterr().err
+    assert main(["eval", "--data", str(data), "--scripted", str(tmp_path / "none.json"), "--out", str(tmp_path)]) == 1
+    assert "cannot read script" in capsys.readouterr().err
+    # A row whose image is missing is recorded as failed; the run finishes but exits 1: its results are incomplete.
+    (tmp_path / "s.json").write_text(json.dumps({"other": ["<answer>a</answer>"], "0": ["<answer>a</answer>"]}))
+    argv = ["eval", "--data", str(data), "--scripted", str(tmp_path / "s.json"), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--no-progress"]) == 1
+    assert "1 row(s) failed (see 'error' in predictions.jsonl)" in capsys.readouterr().err
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.jpg")
+    (tmp_path / "s.json").write_text(json.dumps({"other": ["<answer>a</answer>"]}))
+    argv = ["eval", "--data", str(data), "--scripted", str(tmp_path / "s.json"), "--out", str(tmp_path / "o2")]
+    assert main([*argv, "--no-progress"]) == 1
+    assert "has no entry for row '0'; add one or use --limit" in capsys.readouterr().err
+    assert main(["bench", "synth", "--out", str(tmp_path), "--n", "1", "--size", "64"]) == 1
+    assert "size (64) must be at least 256" in capsys.readouterr().err

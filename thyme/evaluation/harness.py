@@ -1,0 +1,296 @@
+"""Runs a model over a benchmark, with the Thyme tool loop or without it, and writes the results.
+
+The two modes share everything but the answering step, so a reported gain is a delta measured in one harness:
+
+- ``thyme``: :class:`~thyme.agent.ThymeAgent` answers with the official Thyme prompts and the sandbox (the paper's
+  setting, greedy by default as the original eval);
+- ``direct``: the same backend answers the same formatted question in one plain generation, no system prompt and no
+  tools, as VLMEvalKit evaluates the base Qwen2.5-VL the paper compares against.
+
+Questions are formatted per type as VLMEvalKit's Thyme prompt mixin does (reference 1.2): options and the instruction
+line for multiple choice, " Please answer yes or no." for yes/no, the short-answer line otherwise.
+
+The run is resumable: each finished row is appended to ``predictions.jsonl`` at once, and a new run with the same
+``--out`` skips rows already there (rows that failed with an error run again). With ``workers > 1`` rows run in
+threads, which pays off for an OpenAI-compatible server that batches concurrent requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thyme.backends.base import Backend
+from thyme.config import AgentConfig
+from thyme.errors import ConfigError, ImageError, ProtocolError
+from thyme.evaluation.datasets import DatasetError, EvalItem, load_dataset, materialize_image
+from thyme.evaluation.matching import score_prediction
+from thyme.evaluation.metrics import Metrics, compute_metrics
+from thyme.evaluation.predictions import PREDICTIONS_FILE, Prediction, PredictionsFile
+from thyme.evaluation.report import DEFAULT_REPORT_EXAMPLES, write_report, write_results
+from thyme.prompts import format_mcq, format_vqa, format_yes_no
+from thyme.protocol import extract_answer
+from thyme.trajectory import ModelText, Trajectory
+
+logger = logging.getLogger(__name__)
+
+MODES = ("thyme", "direct")
+IMAGES_DIR = "images"  # decoded base64 inputs
+CROPS_DIR = "crops"  # sandbox images, one folder per row
+# Failures that belong to one row: the run records them and goes on. Backend and sandbox infrastructure errors
+# are not here: they would fail every later row too, so they stop the run (resume it once fixed).
+ROW_ERRORS = (DatasetError, ImageError, ProtocolError)
+
+# Returns the backend that answers a given row: one shared backend for a model or a server, a fresh scripted one
+# per row for replayed text.
+BackendFor = Callable[[EvalItem], Backend]
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation run (the model's own settings live in :class:`~thyme.config.AgentConfig`)."""
+
+    mode: str = field(default="thyme", metadata={"help": "'thyme' (tool loop) or 'direct' (one plain generation)"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N rows"})
+    workers: int = field(default=1, metadata={"help": "rows answered concurrently (useful with --endpoint)"})
+    report_examples: int = field(
+        default=DEFAULT_REPORT_EXAMPLES, metadata={"help": "example trajectories rendered in report.md"}
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar on stderr"})
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode ({self.mode!r}) must be one of {', '.join(MODES)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit ({self.limit}) must be at least 1")
+        if self.workers < 1:
+            raise ConfigError(f"workers ({self.workers}) must be at least 1")
+        if self.report_examples < 0:
+            raise ConfigError(f"report_examples ({self.report_examples}) must be >= 0")
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run_evaluation` returns: the scores, every prediction (in dataset order) and the files written."""
+
+    metrics: Metrics
+    predictions: list[Prediction]
+    out_dir: Path
+    skipped: int  # rows taken from an earlier run's predictions.jsonl
+
+
+def format_question(item: EvalItem) -> str:
+    """The question text a model sees for ``item``, by question type (reference section 1.2).
+
+    Example:
+        >>> from thyme.evaluation.datasets import EvalItem
+        >>> format_question(EvalItem(index="1", question="Is it red?", answer="yes"))
+        'Is it red? Please answer yes or no.'
+    """
+    if item.question_type == "mcq":
+        return format_mcq(item.question, item.options, hint=item.hint)
+    if item.question_type == "yes_no":
+        return format_yes_no(item.question)
+    return format_vqa(item.question)
+
+
+def _usage(trajectories: Sequence[Trajectory]) -> tuple[int, int, int]:
+    """(generation calls, generated tokens, prompt tokens) over every attempt of a row."""
+    generations = [g for t in trajectories for g in t.generations]
+    generated = sum(len(g.token_ids) for g in generations if g.token_ids is not None)
+    return len(generations), generated, sum(g.prompt_tokens for g in generations)
+
+
+def _answer_direct(backend: Backend, item: EvalItem, image: Path, question: str, agent_config: AgentConfig) -> dict:
+    # The plain chat VLMEvalKit gives the base model: the image, then the formatted question; no system prompt.
+    image_item = {"type": "image", "image": str(image), **agent_config.image_options}
+    messages = [{"role": "user", "content": [image_item, {"type": "text", "text": question}]}]
+    sampling = agent_config.greedy_sampling()
+    generation = backend.generate(messages, stop=(), sampling=sampling)
+    trajectory = Trajectory("", question, [str(image)], [ModelText(generation.text, generation, sampling)],
+                            dict(agent_config.image_options), question, {"mode": "direct"})  # fmt: skip
+    answer = extract_answer(generation.text)
+    calls, generated, prompt = _usage([trajectory])
+    return {
+        "prediction": answer if answer is not None else generation.text.strip(),
+        "generation_calls": calls,
+        "generated_tokens": generated,
+        "prompt_tokens": prompt,
+        "trajectory": trajectory.to_dict(),
+    }
+
+
+def _answer_thyme(agent: Any, item: EvalItem, image: Path, question: str) -> dict:
+    result = agent.answer(str(image), question, item_id=item.index)
+    calls, generated, prompt = _usage(result.attempts)
+    return {
+        "prediction": result.answer if result.has_answer else None,
+        "generation_calls": calls,
+        "code_blocks": result.code_runs,
+        "sandbox_errors": result.code_errors,
+        "generated_tokens": generated,
+        "prompt_tokens": prompt,
+        "images": list(result.trajectory.sandbox_images),
+        "trajectory": result.trajectory.to_dict(),
+    }
+
+
+class _RowRunner:
+    """Answers one row in the configured mode and turns the outcome into a :class:`Prediction`."""
+
+    def __init__(
+        self, backend_for: BackendFor, config: EvalConfig, agent_config: AgentConfig, out_dir: Path, sandbox: Any
+    ) -> None:
+        self.backend_for = backend_for
+        self.config = config
+        self.agent_config = agent_config
+        self.out_dir = out_dir
+        self.sandbox = sandbox
+
+    def __call__(self, item: EvalItem) -> Prediction:
+        question = format_question(item)
+        started = time.perf_counter()
+        try:
+            image = materialize_image(item, self.out_dir / IMAGES_DIR)
+            outcome = self._answer(item, image, question)
+            error = None
+        except ROW_ERRORS as exc:
+            logger.warning("row %s failed: %s", item.index, exc)
+            outcome, error = {"prediction": None}, str(exc)
+        match = score_prediction(item, outcome["prediction"])
+        return Prediction(
+            index=item.index,
+            mode=self.config.mode,
+            question_type=item.question_type,
+            category=item.category,
+            l2_category=item.l2_category,
+            question=question,
+            answer=item.answer,
+            extracted=match.extracted,
+            correct=match.correct,
+            error=error,
+            elapsed_s=round(time.perf_counter() - started, 3),
+            **outcome,
+        )
+
+    def _answer(self, item: EvalItem, image: Path, question: str) -> dict:
+        backend = self.backend_for(item)
+        if self.config.mode == "direct":
+            return _answer_direct(backend, item, image, question, self.agent_config)
+        from thyme.agent import ThymeAgent
+
+        crops = self.out_dir / CROPS_DIR / _safe_name(item.index)
+        crops.mkdir(parents=True, exist_ok=True)
+        config = dataclasses.replace(self.agent_config, images_dir=crops)
+        agent = ThymeAgent(backend, config=config, sandbox=self.sandbox)
+        return _answer_thyme(agent, item, image, question)
+
+
+def _safe_name(index: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in index)
+
+
+@contextmanager
+def _progress(total: int, initial: int, enabled: bool) -> Iterator[Callable[[], None]]:
+    if not enabled:
+        yield lambda: None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, initial=initial, unit="q", desc="thyme eval", dynamic_ncols=True) as bar:
+        yield lambda: bar.update(1)
+
+
+def _run_rows(todo: list[EvalItem], run_row: _RowRunner, store: PredictionsFile, workers: int, tick) -> None:
+    if workers == 1:
+        for item in todo:
+            store.append(run_row(item))
+            tick()
+        return
+    # Keep at most `workers` rows in flight so an interrupt loses little work and memory stays flat.
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thyme-eval") as pool:
+        pending: set[Future] = set()
+        queue = iter(todo)
+        for item in queue:
+            pending.add(pool.submit(run_row, item))
+            if len(pending) < workers:
+                continue
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                store.append(future.result())
+                tick()
+        for future in pending:
+            store.append(future.result())
+            tick()
+
+
+def run_evaluation(
+    data: str | Path,
+    out_dir: str | Path,
+    backend_for: BackendFor,
+    config: EvalConfig | None = None,
+    agent_config: AgentConfig | None = None,
+    run_info: dict[str, Any] | None = None,
+    sandbox: Any = None,
+) -> EvalResult:
+    """Evaluates a model on a benchmark file or folder and writes ``predictions.jsonl``, ``results.json`` and
+    ``report.md`` to ``out_dir``.
+
+    Args:
+        data: a VLMEvalKit ``.tsv``, a ``.jsonl``, or a folder of them (see :mod:`thyme.evaluation.datasets`).
+        out_dir: the output folder; an existing ``predictions.jsonl`` there is resumed.
+        backend_for: returns the backend answering a row (see :data:`BackendFor`).
+        config: mode, limit, workers; defaults to ``EvalConfig()``.
+        agent_config: budget, sampling and image limits of the model; greedy defaults.
+        run_info: facts recorded in ``results.json`` (model name, backend); the dataset and mode are added.
+        sandbox: a started ``thyme.sandbox.Sandbox`` to share (thyme mode); one is started and closed if None.
+
+    Returns:
+        The metrics and predictions of every selected row, including those resumed from an earlier run.
+
+    Raises:
+        DatasetError: the dataset is malformed (checked before any model call).
+        BackendError, SandboxError: infrastructure failures; finished rows stay in ``predictions.jsonl``.
+    """
+    config = config or EvalConfig()
+    agent_config = agent_config or AgentConfig()
+    out = Path(out_dir)
+    items = load_dataset(data)[: config.limit]
+    out.mkdir(parents=True, exist_ok=True)
+    store = PredictionsFile(out / PREDICTIONS_FILE)
+    earlier = store.load()
+    other_modes = sorted({p.mode for p in earlier.values()} - {config.mode})
+    if other_modes:
+        raise ConfigError(
+            f"{store.path} holds {', '.join(other_modes)}-mode predictions; use a separate --out for each mode"
+        )
+    done = {index: p for index, p in earlier.items() if p.error is None}
+    todo = [item for item in items if item.index not in done]
+    logger.info("%d rows to answer, %d already in %s", len(todo), len(items) - len(todo), store.path)
+    with _sandbox_context(sandbox, config, agent_config, bool(todo)) as live_sandbox:
+        runner = _RowRunner(backend_for, config, agent_config, out, live_sandbox)
+        with _progress(len(items), len(items) - len(todo), config.progress) as tick:
+            _run_rows(todo, runner, store, config.workers, tick)
+    recorded = store.load()
+    predictions = [recorded[item.index] for item in items]
+    metrics = compute_metrics(predictions)
+    info = {"dataset": str(data), "mode": config.mode, "rows": len(items), **(run_info or {})}
+    info["agent_config"] = {k: str(v) if isinstance(v, Path) else v for k, v in agent_config.__dict__.items()}
+    write_results(out, metrics, info)
+    write_report(out, predictions, metrics, info, examples=config.report_examples)
+    return EvalResult(metrics, predictions, out, skipped=len(items) - len(todo))
+
+
+def _sandbox_context(sandbox: Any, config: EvalConfig, agent_config: AgentConfig, needed: bool):
+    if sandbox is not None or config.mode != "thyme" or not needed:
+        return nullcontext(sandbox)
+    from thyme.sandbox import Sandbox
+
+    return Sandbox(timeout=agent_config.sandbox_timeout_s)
