@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "thyme.sandbox.cli",
     "thyme.commands.tiny_model",
     "thyme.commands.answer",
+    "thyme.commands.eval",
+    "thyme.commands.data",
 )
 
 
