@@ -1,0 +1,173 @@
+"""Configuration of Thyme's GRPO-ATS training: TRL's ``GRPOConfig`` plus the knobs of the Thyme rollout.
+
+The original (yfzhang114/Thyme, ``scripts/rl.sh`` and ``.deepspeed_env``; thyme-reference.md section 3.6) scattered
+these settings over shell flags and environment variables (``GEN_ITER_LIMIT``, ``VQA_WEIGHT``, ``QWEN_API_PORT``).
+Here each is a typed field with help text, validated in ``__post_init__``, so a YAML file and ``--override key=value``
+reach the same place.
+
+Defaults that differ from TRL's are the original's RL settings:
+
+===============================  ==============  =============================================================
+field                            default         original (rl.sh / .deepspeed_env, paper section 5.1)
+===============================  ==============  =============================================================
+num_generations                  4               4 rollouts per prompt
+learning_rate                    5e-7            5e-7, cosine_with_min_lr (min_lr_rate 0.1), warmup_ratio 0.03
+beta                             0.01            0.01 (the paper says KL 0.001)
+temperature/top_p/top_k          1.0/0.9/50      prose sampling; code spans greedy (ATS)
+repetition_penalty               1.05            1.05, also applied to the greedy code span
+max_generation_calls             5               GEN_ITER_LIMIT=5 (at most 2 executed code blocks + answer)
+max_new_tokens_per_call          3196            max_completion_length 3196 (per call)
+max_pixels                       2408448         max_pixels 2408448
+accuracy/consistency/format      1.0/0.5/0.5     VQA_WEIGHT/CST_WEIGHT/FMT_WEIGHT
+===============================  ==============  =============================================================
+
+The original ran full fine-tuning in bf16 with DeepSpeed ZeRO-3 (optimizer and parameter offload), per-device batch 1,
+gradient accumulation 5, 2 epochs, ``max_length`` 10240; ``train/examples/thyme_rl_gpu.yaml`` spells that out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from thyme.errors import ConfigError
+
+DEFAULT_MAX_GENERATION_CALLS = 5
+DEFAULT_MIN_PIXELS = 3136
+ORIGINAL_RL_MAX_PIXELS = 2408448
+ORIGINAL_MAX_NEW_TOKENS_PER_CALL = 3196
+SANDBOX_ERROR_CHECK_MIN_BLOCKS = 16
+
+
+@dataclass
+class ThymeGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` with Thyme's rollout, sandbox, reward and judge settings.
+
+    TRL's own ``temperature``, ``top_p``, ``top_k`` and ``repetition_penalty`` are the PROSE sampling settings; with
+    ``ats=True`` the span from ``<code>`` to ``</code>`` is decoded greedily. The loss always scores tokens at
+    ``temperature`` (TRL divides the logits by one scalar), which is why it must stay 1.0 for the reported log-probs
+    of greedy code tokens to equal the loss's (checked below).
+
+    Example:
+        >>> cfg = ThymeGRPOConfig(output_dir="/tmp/run", use_cpu=True, report_to="none")
+        >>> (cfg.num_generations, cfg.learning_rate, cfg.beta, cfg.max_generation_calls)
+        (4, 5e-07, 0.01, 5)
+    """
+
+    # Overridden TRL defaults (the original's values; see the module docstring).
+    learning_rate: float = field(default=5e-7, metadata={"help": "AdamW learning rate (original RL: 5e-7)."})
+    num_generations: int | None = field(default=4, metadata={"help": "Rollouts per prompt, G (original: 4)."})
+    beta: float = field(default=0.01, metadata={"help": "KL coefficient (original rl.sh: 0.01; paper: 0.001)."})
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Prose sampling temperature; also the temperature at which the loss scores every token."},
+    )
+    top_p: float = field(default=0.9, metadata={"help": "Prose nucleus sampling (original: 0.9)."})
+    top_k: int = field(default=50, metadata={"help": "Prose top-k sampling, 0 = off (original: 50)."})
+    repetition_penalty: float = field(
+        default=1.05, metadata={"help": "Repetition penalty for prose and code (original: 1.05)."}
+    )
+    max_completion_length: int | None = field(
+        default=10240,
+        metadata={"help": "Token cap on the whole completion (model + sandbox tokens); longer ones are truncated."},
+    )
+
+    # Rollout.
+    max_generation_calls: int = field(
+        default=DEFAULT_MAX_GENERATION_CALLS,
+        metadata={"help": "Generation calls per trajectory (original GEN_ITER_LIMIT=5: text→code→text→code→answer)."},
+    )
+    max_new_tokens_per_call: int = field(
+        default=ORIGINAL_MAX_NEW_TOKENS_PER_CALL,
+        metadata={"help": "New tokens per generation call (original max_completion_length 3196, per call)."},
+    )
+    ats: bool = field(
+        default=True,
+        metadata={"help": "Adaptive temperature sampling: code spans greedy, prose sampled. False samples both."},
+    )
+    min_pixels: int = field(default=DEFAULT_MIN_PIXELS, metadata={"help": "Smallest image area the model sees."})
+    max_pixels: int = field(
+        default=ORIGINAL_RL_MAX_PIXELS, metadata={"help": "Largest image area the model sees (original RL: 2408448)."}
+    )
+    max_images_per_sample: int = field(
+        default=10, metadata={"help": "Images (input + sandbox) one trajectory may carry (original: 10)."}
+    )
+
+    # Sandbox.
+    sandbox_timeout_s: float = field(default=10.0, metadata={"help": "Wall-clock limit of one code block."})
+    sandbox_url: str | None = field(
+        default=None, metadata={"help": "URL of a remote sandbox pool (thyme sandbox-serve); None = local workers."}
+    )
+    sandbox_workers: int = field(
+        default=4, metadata={"help": "Rollouts of one batch run at once: their sandbox calls overlap generation."}
+    )
+    max_sandbox_error_rate: float = field(
+        default=0.5,
+        metadata={
+            "help": "Stop training when more than this share of the recent code blocks failed in the sandbox: a "
+            "broken sandbox otherwise silently turns RL into tool-less training."
+        },
+    )
+    sandbox_error_window: int = field(
+        default=64, metadata={"help": "How many recent code blocks the error rate is measured over."}
+    )
+    sandbox_error_min_blocks: int = field(
+        default=SANDBOX_ERROR_CHECK_MIN_BLOCKS,
+        metadata={"help": "The error-rate check waits until this many code blocks ran."},
+    )
+
+    # Rewards: r = accuracy_weight*acc + consistency_weight*acc*consistency + format_weight*format.
+    accuracy_weight: float = field(default=1.0, metadata={"help": "Weight of the accuracy reward (VQA_WEIGHT)."})
+    consistency_weight: float = field(
+        default=0.5, metadata={"help": "Weight of the consistency reward, paid only when correct (CST_WEIGHT)."}
+    )
+    format_weight: float = field(default=0.5, metadata={"help": "Weight of the strict format reward (FMT_WEIGHT)."})
+
+    # LLM judge (any OpenAI-compatible endpoint; the original used Qwen2.5-VL-72B-Instruct-AWQ).
+    judge_base_url: str | None = field(
+        default=None,
+        metadata={"help": "OpenAI-compatible base URL of the judge, e.g. http://host:8000/v1. None = rules only."},
+    )
+    judge_model: str = field(default="Qwen/Qwen2.5-VL-72B-Instruct-AWQ", metadata={"help": "Judge model name."})
+    judge_api_key: str = field(default="EMPTY", metadata={"help": "API key sent to the judge endpoint."})
+    judge_timeout_s: float = field(default=60.0, metadata={"help": "Timeout of one judge request."})
+    judge_max_tries: int = field(default=3, metadata={"help": "Tries per judge question (original: 3)."})
+
+    def __post_init__(self) -> None:
+        self._check_thyme_fields()
+        super().__post_init__()
+
+    def _check_thyme_fields(self) -> None:
+        """Validates Thyme's fields before TRL derives its batch sizes, so the first error is the user's."""
+        if self.max_generation_calls < 1:
+            raise ConfigError(f"max_generation_calls ({self.max_generation_calls}) must be >= 1")
+        if self.max_new_tokens_per_call < 1:
+            raise ConfigError(f"max_new_tokens_per_call ({self.max_new_tokens_per_call}) must be >= 1")
+        if self.min_pixels < 1 or self.max_pixels < self.min_pixels:
+            raise ConfigError(
+                f"max_pixels ({self.max_pixels}) < min_pixels ({self.min_pixels}): "
+                "raise max_pixels or lower min_pixels"
+            )
+        if self.temperature != 1.0:
+            raise ConfigError(
+                f"temperature ({self.temperature}) must be 1.0: TRL scores every token at this temperature, and the "
+                "rollout reports temperature-1 log-probs (greedy code tokens included); tune top_p/top_k instead"
+            )
+        if not 0.0 <= self.max_sandbox_error_rate <= 1.0:
+            raise ConfigError(f"max_sandbox_error_rate ({self.max_sandbox_error_rate}) must be within [0, 1]")
+        if self.sandbox_error_window < 1 or self.sandbox_error_min_blocks < 1:
+            raise ConfigError("sandbox_error_window and sandbox_error_min_blocks must be >= 1")
+        if self.sandbox_timeout_s <= 0 or self.sandbox_workers < 1:
+            raise ConfigError("sandbox_timeout_s must be > 0 and sandbox_workers >= 1")
+        if self.max_images_per_sample < 1:
+            raise ConfigError(f"max_images_per_sample ({self.max_images_per_sample}) must be >= 1")
+        if min(self.accuracy_weight, self.consistency_weight, self.format_weight) < 0:
+            raise ConfigError("reward weights (accuracy_weight, consistency_weight, format_weight) must be >= 0")
+        if self.judge_max_tries < 1:
+            raise ConfigError(f"judge_max_tries ({self.judge_max_tries}) must be >= 1")
+        if self.use_vllm:
+            raise ConfigError(
+                "use_vllm is not wired to the Thyme rollout yet: generation runs through thyme.loop on the "
+                "trainer's model; set use_vllm=false"
+            )

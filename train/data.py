@@ -1,0 +1,179 @@
+"""RL datasets: the released Thyme-RL JSON format and a plain ``{image, question, answer}`` form, as TRL rows.
+
+Two input shapes are accepted (thyme-reference.md section 4):
+
+- **Thyme-RL** (swift's GRPO format, HF ``Kwai-Keye/Thyme-RL``): ``messages`` = [system, user ``"<image>\\n..."``],
+  ``images`` = [path or ``{"path": ...}``], ``solution`` (the reference answer, used by the rewards) and ``question``
+  (the raw question, used by the judge prompts).
+- **plain**: ``image``, ``question``, ``answer``; the official system prompt and user template are applied.
+
+Both become rows with TRL's conversational ``prompt`` (string contents; TRL inserts the image block itself), an
+``image`` column holding the ABSOLUTE image path, and ``question`` / ``solution`` for the rewards. The rollout
+rewrites the user turn's ``User Image Path`` line to the path the sandbox gives the model, because released data
+points at the authors' machine (README section 2.3, issue #7). Every image path is
+checked before training starts, and one error lists all the missing ones.
+
+Files: ``.jsonl`` (one row per line), ``.json`` (a list of rows, or one row), a directory of such files, or the name
+of a ``datasets`` dataset (loaded with :func:`datasets.load_dataset`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from thyme.errors import ConfigError
+from thyme.prompts import SYSTEM_PROMPT, user_prompt, user_text_item
+
+logger = logging.getLogger(__name__)
+
+DATA_SUFFIXES = (".json", ".jsonl")
+# How many missing paths the error names before it only counts the rest.
+MAX_LISTED_MISSING = 20
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); expected Thyme-RL JSON or JSONL rows") from exc
+    return data if isinstance(data, list) else [data]
+
+
+def read_rows(source: str | Path, split: str = "train") -> tuple[list[dict[str, Any]], Path | None]:
+    """Reads raw rows from a file, a directory of files, or a ``datasets`` name.
+
+    Returns:
+        `tuple[list[dict], Path | None]`: the rows and the folder relative image paths are resolved against
+        (None for a hub dataset).
+
+    Raises:
+        ConfigError: the path holds no data file, or a file is not JSON.
+    """
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
+        if not files:
+            raise ConfigError(f"{path}: no {'/'.join(DATA_SUFFIXES)} files in this folder")
+        return [row for file in files for row in _read_rows(file)], path
+    if path.is_file():
+        return _read_rows(path), path.parent
+    if path.suffix in DATA_SUFFIXES:
+        raise ConfigError(f"dataset file {path} does not exist")
+    from datasets import load_dataset
+
+    return [dict(row) for row in load_dataset(str(source), split=split)], None
+
+
+def _image_of(row: dict[str, Any], where: str) -> str:
+    images = row.get("images")
+    if images:
+        first = images[0]
+        return str(first["path"] if isinstance(first, dict) else first)
+    if row.get("image"):
+        image = row["image"]
+        return str(image[0] if isinstance(image, list) else image)
+    raise ConfigError(f"{where}: no image (expected an 'images' list or an 'image' path)")
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(c.get("text") or "" for c in content)
+
+
+def _resolve(image: str, root: Path | None) -> str:
+    path = Path(image).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    return str(path.absolute())
+
+
+def to_trl_row(row: dict[str, Any], where: str, root: Path | None) -> dict[str, Any]:
+    """Converts one raw row (Thyme-RL or plain) into a TRL row.
+
+    Raises:
+        ConfigError: the row has neither form, or lacks the reference answer.
+    """
+    image = _resolve(_image_of(row, where), root)
+    if "messages" in row:
+        messages = row["messages"]
+        system = next((_message_text(m) for m in messages if m["role"] == "system"), SYSTEM_PROMPT)
+        user = next((_message_text(m) for m in messages if m["role"] == "user"), None)
+        if user is None:
+            raise ConfigError(f"{where}: 'messages' has no user message")
+        user_text = user_text_item(user)
+        question = str(row.get("question") or user_text.strip())
+        solution = row.get("solution")
+    else:
+        if "question" not in row:
+            raise ConfigError(f"{where}: expected Thyme-RL 'messages' or a plain row with 'question'")
+        question = str(row["question"])
+        system, user_text = SYSTEM_PROMPT, ""
+        solution = row.get("answer", row.get("solution"))
+    if solution is None:
+        raise ConfigError(f"{where}: no reference answer ('solution' or 'answer')")
+    prompt_text = user_text or user_text_item(user_prompt(question, image, *_size_or_none(image)))
+    return {
+        "prompt": [{"role": "system", "content": system}, {"role": "user", "content": prompt_text}],
+        "image": image,
+        "question": question,
+        "solution": str(solution),
+    }
+
+
+def _size_or_none(image: str) -> tuple[int | None, int | None]:
+    try:
+        with Image.open(image) as img:
+            return img.size
+    except OSError:
+        return None, None
+
+
+def check_images(rows: list[dict[str, Any]]) -> None:
+    """Raises one error naming every row whose image file is missing, before any training step runs.
+
+    Raises:
+        ConfigError: at least one image path does not exist.
+    """
+    missing = [row["image"] for row in rows if not Path(row["image"]).is_file()]
+    if not missing:
+        return
+    listed = "\n  ".join(missing[:MAX_LISTED_MISSING])
+    more = f"\n  ... and {len(missing) - MAX_LISTED_MISSING} more" if len(missing) > MAX_LISTED_MISSING else ""
+    raise ConfigError(
+        f"{len(missing)} of {len(rows)} dataset images do not exist:\n  {listed}{more}\n"
+        "fix the paths, or set image_root to the folder relative paths are resolved against"
+    )
+
+
+def load_rl_dataset(source: str | Path, *, split: str = "train", image_root: str | Path | None = None):
+    """Loads an RL dataset as a ``datasets.Dataset`` of TRL rows, with every image path checked.
+
+    Args:
+        source: a ``.json``/``.jsonl`` file, a folder of them, or a ``datasets`` name.
+        split: the split of a ``datasets`` name.
+        image_root: the folder relative image paths are resolved against (default: the data file's folder).
+
+    Returns:
+        `datasets.Dataset`: columns ``prompt``, ``image``, ``question``, ``solution``.
+
+    Raises:
+        ConfigError: a row is malformed (its number is named) or images are missing (all are listed).
+    """
+    from datasets import Dataset
+
+    raw, folder = read_rows(source, split)
+    root = Path(image_root) if image_root is not None else folder
+    if not raw:
+        raise ConfigError(f"{source}: the dataset is empty")
+    rows = [to_trl_row(row, f"{source} row {index}", root) for index, row in enumerate(raw)]
+    check_images(rows)
+    logger.info("loaded %d RL rows from %s", len(rows), source)
+    return Dataset.from_list(rows)

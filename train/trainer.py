@@ -1,0 +1,271 @@
+"""ThymeGRPOTrainer: TRL's ``GRPOTrainer`` whose generation is Thyme's rollout loop (GRPO-ATS, design.md section 5).
+
+Built against trl==1.16.0 exactly (pinned in pyproject): the hooks below are private, and
+``tests/train/test_trainer_hooks.py`` fails loudly if their signatures change. What is overridden, and why:
+
+- ``rollout_func`` (TRL's own hook, set on the instance): runs a generation batch through :mod:`thyme.train.rollout`
+  (THE loop: ATS, sandbox, ``<sandbox_output>`` inside the assistant message) and returns prompt ids, completion
+  ids, temperature-1 log-probs and ``env_mask`` (TRL's name for the tool mask: sandbox tokens are left out of the loss
+  and its length normalisation).
+- ``_generate``: TRL's rollout_func path then drops every image produced during the rollout (measured, env-findings
+  section 3: ``images = None``), so the loss forward would see image tokens without their pixels. The override puts
+  the images back (input image, then the sandbox images in token order) and routes the batch through TRL's
+  tool-image branch, which feeds ALL of a sample's images to the image processor and builds ``mm_token_type_ids``
+  from the full prompt+completion ids. That branch is keyed on ``self.tools``, so ``self.tools`` names the sandbox
+  for the duration of one step.
+- ``_generate_and_score_completions``: keeps the batch's rows (image path, question) for the rollout, and restores
+  ``self.tools`` afterwards.
+Everything else (rewards, advantages, KL, loss, logging, checkpoints, accelerate/DeepSpeed) is TRL's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from thyme.train.config import ThymeGRPOConfig
+from thyme.train.policy import PolicyBackend
+from thyme.train.rewards import Judge, make_thyme_rewards, thyme_reward_weights
+from thyme.train.rollout import (
+    BatchStats,
+    RolloutImagesDir,
+    RolloutSample,
+    SandboxHealth,
+    run_batch,
+)
+from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from thyme.backends.processor import load_processor, set_pixel_limits
+from thyme.backends.scripted import ScriptedBackend, load_script
+from thyme.config import AgentConfig
+from thyme.errors import ConfigError
+from thyme.images import read_image_size
+from thyme.loop import RolloutRequest
+
+logger = logging.getLogger(__name__)
+
+
+def run_python_sandbox() -> None:
+    """Thyme's only tool: the sandbox that runs the model's ``<code>`` blocks.
+
+    Never called by TRL (Thyme's rollout loop runs the code); it stands in ``trainer.tools`` during a step so that
+    TRL's loss forward takes its tool-image branch and the sandbox images reach the model.
+    """
+
+
+def _thyme_rollout(prompts: list, trainer: ThymeGRPOTrainer) -> dict[str, Any]:
+    """TRL ``rollout_func``: delegates to the trainer (TRL calls it as ``rollout_func(prompts, trainer)``)."""
+    return trainer.thyme_rollout(prompts)
+
+
+class ThymeGRPOTrainer(GRPOTrainer):
+    """GRPO with Thyme's rollouts: code written by the policy runs in the sandbox and its images enter the loss.
+
+    Args:
+        model: a model id/path or a loaded Qwen-VL ``PreTrainedModel`` (or PEFT model).
+        reward_funcs: TRL reward functions; default :func:`~thyme.train.rewards.make_thyme_rewards` weighted as
+            the original (``acc + 0.5*acc*consistency + 0.5*format``, weights from ``args``).
+        args: the :class:`~thyme.train.config.ThymeGRPOConfig`.
+        train_dataset: rows from :func:`~thyme.train.data.load_rl_dataset` (``prompt``, ``image`` path,
+            ``question``, ``solution``).
+        processing_class: the processor; default: :func:`~thyme.backends.processor.load_processor` of the model.
+        sandbox: a ``thyme.sandbox.Sandbox`` (or remote pool); default: one started on first use with
+            ``args.sandbox_timeout_s`` (``args.sandbox_url`` for a remote pool).
+        rollout_script: a JSON script (see :func:`thyme.backends.scripted.load_script`) whose model text every
+            rollout replays while the policy only scores it: dry runs and tests. None = the policy generates.
+        **kwargs: passed to ``GRPOTrainer`` (callbacks, peft_config, ...).
+
+    Raises:
+        ConfigError: ``args`` is not a ThymeGRPOConfig, or the model cannot provide a processor.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any = None,
+        args: ThymeGRPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        sandbox: Any = None,
+        rollout_script: str | Path | None = None,
+        **kwargs: Any,
+    ):
+        if not isinstance(args, ThymeGRPOConfig):
+            raise ConfigError("ThymeGRPOTrainer needs args=ThymeGRPOConfig(...): it holds the rollout settings")
+        if processing_class is None:
+            source = model if isinstance(model, (str, Path)) else model.config._name_or_path
+            processing_class = load_processor(source, args.min_pixels, args.max_pixels)
+        judge = None
+        if args.judge_base_url:
+            judge = Judge(args.judge_base_url, args.judge_model, args.judge_api_key, args.judge_timeout_s,
+                          args.judge_max_tries)  # fmt: skip
+        default_rewards = reward_funcs is None
+        if default_rewards:
+            reward_funcs = make_thyme_rewards(judge)
+        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs)
+        set_pixel_limits(self.processing_class, args.min_pixels, args.max_pixels)
+        if default_rewards and args.reward_weights is None:
+            weights = thyme_reward_weights(args.accuracy_weight, args.consistency_weight, args.format_weight)
+            self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        # Set on the instance rather than passed to __init__: same hook, without TRL's "experimental" warning.
+        self.rollout_func = _thyme_rollout
+        self._sandbox = sandbox
+        self._owns_sandbox = sandbox is None
+        self._script = load_script(rollout_script) if rollout_script is not None else None
+        self._model_lock = threading.Lock()
+        self._health = SandboxHealth(
+            args.max_sandbox_error_rate, args.sandbox_error_window, args.sandbox_error_min_blocks
+        )
+        self._batch_rows: list[dict] = []
+        self._rollout_images: list[list] = []
+        self.loop_config = self._make_loop_config(args)
+
+    @staticmethod
+    def _make_loop_config(args: ThymeGRPOConfig) -> AgentConfig:
+        """The loop settings of a training rollout: one attempt, no fallback prompt, sandbox errors shown (RL)."""
+        return AgentConfig(
+            max_generation_calls=args.max_generation_calls,
+            max_new_tokens=args.max_new_tokens_per_call,
+            sampling="ats",
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty,
+            max_attempts=1,
+            use_fallback=False,
+            show_sandbox_errors=True,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
+            sandbox_timeout_s=args.sandbox_timeout_s,
+        )
+
+    # ----- sandbox ----------------------------------------------------------------------------------------------
+    @property
+    def sandbox(self) -> Any:
+        """The sandbox the rollouts use (started on first use when none was given)."""
+        if self._sandbox is None:
+            from thyme.sandbox import Sandbox
+
+            if self.args.sandbox_url:
+                self._sandbox = Sandbox(url=self.args.sandbox_url)
+            else:
+                self._sandbox = Sandbox(timeout=self.args.sandbox_timeout_s)
+        return self._sandbox
+
+    def close(self) -> None:
+        """Stops the sandbox workers this trainer started."""
+        if self._owns_sandbox and self._sandbox is not None:
+            self._sandbox.close()
+            self._sandbox = None
+
+    # ----- TRL hooks ----------------------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, Any]:
+        self._batch_rows = inputs
+        tools = self.tools
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self.tools = tools
+            self._rollout_images = []
+
+    def _generate(self, prompts: list):
+        prompt_ids, completion_ids, tool_mask, completions, logprobs, extra, _, _ = super()._generate(prompts)
+        images = self._rollout_images
+        # Route the loss forward through TRL's tool-image branch (see the module docstring); restored after the step.
+        self.tools = [run_python_sandbox]
+        return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra, images, images
+
+    # ----- the rollout ------------------------------------------------------------------------------------------
+    def _requests(self, images_dir: RolloutImagesDir) -> list[RolloutRequest]:
+        requests = []
+        for index, row in enumerate(self._batch_rows):
+            image = str(row["image"])
+            width, height = read_image_size(image)
+            requests.append(
+                RolloutRequest(
+                    question=str(row.get("prompt_question") or row["question"]),
+                    image_path=image,
+                    width=width,
+                    height=height,
+                    images_dir=images_dir.for_sample(index),
+                    item_id=Path(image).stem,
+                )
+            )
+        return requests
+
+    def thyme_rollout(self, prompts: list) -> dict[str, Any]:
+        """Runs the batch's rollouts; returns TRL's rollout_func dict (plus per-sample fields for the rewards).
+
+        Raises:
+            SandboxErrorRateError: the recent sandbox error rate exceeds ``max_sandbox_error_rate``.
+        """
+        if len(prompts) != len(self._batch_rows):
+            raise RuntimeError(f"rollout got {len(prompts)} prompts for {len(self._batch_rows)} rows")
+        args: ThymeGRPOConfig = self.args
+        with (
+            RolloutImagesDir() as images_dir,
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            ) as model,
+            _eval_mode(model),
+        ):
+            samples = run_batch(
+                self._requests(images_dir),
+                lambda index: self._backend(model),
+                self.sandbox,
+                self.loop_config,
+                workers=args.sandbox_workers,
+            )
+        self._log_batch(samples)
+        self._health.record(samples)
+        self._rollout_images = [s.tokens.images for s in samples]
+        return {
+            "prompt_ids": [s.tokens.prompt_ids for s in samples],
+            "completion_ids": [s.tokens.completion_ids for s in samples],
+            "logprobs": [s.tokens.logprobs for s in samples],
+            "env_mask": [s.tokens.tool_mask for s in samples],
+            "stop_reason": [s.stop_reason for s in samples],
+            "code_runs": [s.code_runs for s in samples],
+            "code_errors": [s.code_errors for s in samples],
+        }
+
+    def _backend(self, model: Any) -> PolicyBackend:
+        script = ScriptedBackend(self._script) if self._script is not None else None
+        override = None if self.args.ats else self.loop_config.prose_sampling()
+        return PolicyBackend(
+            model,
+            self.processing_class,
+            lock=self._model_lock,
+            script=script,
+            max_completion_tokens=self.args.max_completion_length,
+            sampling_override=override,
+        )
+
+    def _log_batch(self, samples: list[RolloutSample]) -> None:
+        for name, value in asdict(BatchStats.of(samples)).items():
+            self._log_metric(f"thyme/{name}", value)
+        for sample in samples:
+            if sample.error:
+                logger.warning("failed rollout (reward 0, not trained): %s", sample.error)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any):
+    """Generation in eval mode (no dropout), back to the previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
