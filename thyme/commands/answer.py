@@ -59,7 +59,15 @@ def _build_backend(args: argparse.Namespace) -> Any:
     return None  # --model: ThymeAgent.from_pretrained builds the transformers backend
 
 
-def _print_event(event: Any, out: TextIO) -> None:
+def _describe_image(path: str, show_path: bool) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        size = f"{image.width}x{image.height}"
+    return f"[sandbox image {size}: {path}]" if show_path else f"[sandbox image {size}]"
+
+
+def _print_event(event: Any, out: TextIO, show_paths: bool) -> None:
     """Streams one loop event as plain text: the model's words as they come, sandbox results in brackets."""
     from thyme.loop import AttemptStarted, SandboxFinished, TextGenerated
 
@@ -72,7 +80,7 @@ def _print_event(event: Any, out: TextIO) -> None:
         output = event.output
         hidden = " (hidden from the model)" if event.hidden else ""
         if output.images:
-            out.write("".join(f"\n[sandbox image: {path}]" for path in output.images) + "\n")
+            out.write("".join("\n" + _describe_image(path, show_paths) for path in output.images) + "\n")
         elif output.error:
             out.write(f"\n[sandbox error{hidden}: {output.error}]\n")
         else:
@@ -139,7 +147,7 @@ def run_answer(args: argparse.Namespace) -> int:
         with agent:
             for event in agent.stream(args.image, args.question):
                 if not args.json:
-                    _print_event(event, sys.stdout)
+                    _print_event(event, sys.stdout, show_paths=args.save_dir is not None)
                 if isinstance(event, Finished):
                     _report(event.result, args)
     return 0
