@@ -20,13 +20,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thyme.errors import ImageError, ProtocolError
+from thyme.errors import ConfigError, ImageError, ProtocolError
 from thyme.prompts import FALLBACK_SYSTEM_PROMPT, SYSTEM_PROMPT, user_prompt, user_text_item
 from thyme.protocol import IMAGE_PLACEHOLDER
 from thyme.trajectory import Trajectory, parse_assistant_content
@@ -45,6 +47,7 @@ USER_IMAGE_PATH_RE = re.compile("^" + re.escape(_PATH_PREFIX) + "(.*)" + re.esca
 # Image formats kept byte for byte when converting; anything else Pillow reads is re-encoded as PNG (lossless).
 _KEPT_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tiff"}
 _DATA_URI_RE = re.compile(r"^data:image/[\w.+-]+;base64,")
+_PARQUET_BATCH_ROWS = 64
 
 
 def question_image_path(question: str) -> str | None:
@@ -166,8 +169,8 @@ def decode_image(value: Any) -> bytes:
 
 
 def write_image(data: bytes, stem: Path) -> Path:
-    """Writes encoded image bytes to ``stem`` + the format's extension, byte for byte where the format is common
-    (no re-encoding loss), else as PNG.
+    """Writes encoded image bytes to ``stem`` + the format's extension (folders created), byte for byte where the
+    format is common (no re-encoding loss), else as PNG.
 
     Raises:
         ImageError: Pillow cannot read the bytes.
@@ -180,6 +183,7 @@ def write_image(data: bytes, stem: Path) -> Path:
             image.load()
             suffix = _KEPT_FORMATS.get(image_format)
             path = stem.parent / (stem.name + (suffix or ".png"))
+            path.parent.mkdir(parents=True, exist_ok=True)
             if suffix is None:
                 image.save(path, format="PNG")
                 return path
@@ -220,15 +224,103 @@ def convert_row(row: Mapping[str, Any], image_dir: Path, row_id: str) -> dict[st
         if isinstance(entry, str) and not _DATA_URI_RE.match(entry) and len(entry) < 4096 and Path(entry).is_file():
             paths.append(str(Path(entry).resolve()))
             continue
-        target = image_dir / row_id
-        target.mkdir(parents=True, exist_ok=True)
         name = first_name if index == 0 else f"processed_{index}"
-        paths.append(str(write_image(decode_image(entry), target / name)))
+        paths.append(str(write_image(decode_image(entry), image_dir / row_id / name)))
     return rewrite_row_paths(row, paths)
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert_files` did: rows written, images written, and the rows it skipped with the reason."""
+
+    output: Path
+    rows: int = 0
+    images: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def iter_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Yields the rows of a ``.parquet`` (the HF release), ``.jsonl`` or ``.json`` file, one at a time (the released
+    splits hold hundreds of thousands of base64 images, so nothing is read whole).
+
+    Raises:
+        ConfigError: the suffix is none of these, or a JSON line is malformed (its number is named).
+    """
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            yield from batch.to_pylist()
+        return
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        yield from data if isinstance(data, list) else [data]
+        return
+    if path.suffix != ".jsonl":
+        raise ConfigError(f"{path}: unknown data file type {path.suffix!r}; expected .parquet, .jsonl or .json")
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path} line {number}: not valid JSON ({exc})") from exc
+
+
+def convert_files(
+    inputs: Sequence[Path], output: Path, *, limit: int | None = None, overwrite: bool = False
+) -> ConversionReport:
+    """Converts released Thyme-SFT files into one local JSONL (``output``) plus image files beside it
+    (``<output stem>_images/<row id>/``), with every path rewritten (:func:`convert_row`).
+
+    A row that cannot be converted (corrupt image, missing column) is skipped and reported, not fatal: one bad row
+    in a 500K-row split should not cost the rest.
+
+    Args:
+        inputs (`Sequence[Path]`): ``.parquet`` / ``.jsonl`` / ``.json`` files, read in order.
+        output (`Path`): the JSONL file to write.
+        limit (`int`, *optional*): stop after this many rows written (a quick look at the data).
+        overwrite (`bool`, defaults to `False`): replace an existing ``output``.
+
+    Returns:
+        `ConversionReport`: counts and skipped rows.
+
+    Raises:
+        ConfigError: an input does not exist or has an unknown type, or ``output`` exists and ``overwrite`` is off.
+    """
+    missing = [str(path) for path in inputs if not path.is_file()]
+    if missing:
+        raise ConfigError(f"input file(s) not found: {', '.join(missing)}")
+    output = output.absolute()
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} exists: choose another output or pass --overwrite")
+    image_dir = output.with_name(output.stem + "_images")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    report = ConversionReport(output)
+    with output.open("w", encoding="utf-8") as sink:
+        for path in inputs:
+            for index, row in enumerate(iter_rows(path)):
+                if limit is not None and report.rows >= limit:
+                    return report
+                row_id = f"{path.stem}-{index:07d}"
+                try:
+                    local = convert_row(row, image_dir, row_id)
+                except (ImageError, ProtocolError) as exc:
+                    report.skipped.append(f"{path.name} row {index}: {exc}")
+                    logger.info("skipping %s row %d: %s", path.name, index, exc)
+                    continue
+                sink.write(json.dumps(local, ensure_ascii=False) + "\n")
+                report.rows += 1
+                report.images += len(local["image"])
+    return report
 
 
 __all__ = [
     "SFT_COLUMNS",
+    "ConversionReport",
+    "convert_files",
+    "iter_rows",
     "USER_IMAGE_PATH_RE",
     "convert_row",
     "decode_image",
