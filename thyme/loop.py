@@ -289,6 +289,9 @@ def _execute(
     hidden = output.error is not None and not config.show_sandbox_errors
     if hidden:
         trajectory.segments.pop()
+        last = trajectory.segments[-1] if trajectory.segments else None
+        if isinstance(last, ModelText) and last.text.rstrip().endswith(CODE_OPEN):
+            trajectory.segments.pop()  # ATS: the prose call that opened the dropped block goes too
     else:
         trajectory.segments.append(output)
     yield SandboxFinished(code, output, hidden)

@@ -226,3 +226,10 @@ def test_generations_and_sandbox_results_stay_on_their_segments(sandbox, small_i
 )
 def test_is_repetitive(text, expected):
     assert is_repetitive(text, 400) is expected
+
+
+def test_hidden_error_under_ats_drops_the_whole_code_round(sandbox, small_image, tmp_path):
+    backend = ScriptedBackend(["Try: " + _code("print(1/0)"), "<answer>none</answer>"])
+    _, result = _rollout(backend, sandbox, small_image, tmp_path, sampling="ats", show_sandbox_errors=False)
+    assert result.trajectory.text == "<answer>none</answer>"
+    assert result.code_errors == 1
