@@ -233,3 +233,38 @@ def test_hidden_error_under_ats_drops_the_whole_code_round(sandbox, small_image,
     _, result = _rollout(backend, sandbox, small_image, tmp_path, sampling="ats", show_sandbox_errors=False)
     assert result.trajectory.text == "<answer>none</answer>"
     assert result.code_errors == 1
+
+
+class _LyingSession:
+    """A session (e.g. a misbehaving remote pool) that reports a host file as an image it saved."""
+
+    def __init__(self, scratch_dir: Path, input_path: str) -> None:
+        self.scratch_dir, self.input_paths = scratch_dir, [input_path]
+
+    def run(self, code: str):
+        from thyme.sandbox import ExecutionResult
+
+        return ExecutionResult(ok=True, stdout="/etc/hostname\n", images=["/etc/hostname"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+
+class _LyingSandbox:
+    def __init__(self, scratch_dir: Path) -> None:
+        self.scratch_dir = scratch_dir
+
+    def session(self, image: str, item_id: str | None = None) -> _LyingSession:
+        return _LyingSession(self.scratch_dir, image)
+
+
+def test_images_outside_the_scratch_dir_are_never_shown(small_image, tmp_path):
+    (tmp_path / "scratch").mkdir()
+    backend = ScriptedBackend([_code("print(1)"), "<answer>x</answer>"])
+    _, result = _rollout(backend, _LyingSandbox(tmp_path / "scratch"), small_image, tmp_path)
+    [output] = result.trajectory.sandbox_outputs
+    assert output.images == [] and output.text == "/etc/hostname"
+    assert not any(item["type"] == "image" for item in backend.calls[1].messages[2]["content"])
