@@ -56,3 +56,10 @@ def test_errors_are_one_line_and_exit_1(tmp_path, capsys):
     assert "max_generation_calls (0) must be at least 1" in capsys.readouterr().err
     assert main(["answer", IMAGE, "Q?", "--model", str(tmp_path / "no-weights")]) == 1
     assert "download the weights first" in capsys.readouterr().err
+
+
+def test_endpoint_flags_are_checked(capsys):
+    assert main(["answer", IMAGE, "Q?", "--endpoint", "localhost:9"]) == 1
+    assert "is not an http(s) URL" in capsys.readouterr().err
+    assert main(["answer", IMAGE, "Q?", "--scripted", SCRIPT, "--model-name", "x"]) == 1
+    assert "--model-name only applies with --endpoint" in capsys.readouterr().err
