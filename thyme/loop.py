@@ -218,6 +218,10 @@ def _keep_images(paths: list[str], scratch_dir: Path, images_dir: Path, prefix: 
             logger.warning("ignoring sandbox image outside the session scratch dir: %s", path)
             continue
         target = images_dir / f"{prefix}_{index}_{source.name}"
+        duplicate = 1
+        while target.exists():  # a shared images_dir (several questions): never overwrite an earlier image
+            target = images_dir / f"{prefix}_{index}_{duplicate}_{source.name}"
+            duplicate += 1
         shutil.copyfile(source, target)
         kept.append(str(target))
     return kept

@@ -117,3 +117,14 @@ def test_all_matches_the_public_names():
     assert set(thyme.__all__) - {"__version__"} == names
     for name in thyme.__all__:
         assert getattr(thyme, name) is not None
+
+
+def test_a_shared_images_dir_never_overwrites_earlier_images(sandbox, tmp_path):
+    config = AgentConfig(images_dir=tmp_path / "kept")
+    crops = []
+    for color in ((255, 0, 0), (0, 0, 255)):
+        image = Image.new("RGB", (50, 40), color)
+        agent = ThymeAgent(ScriptedBackend([CROP_CODE, "<answer>x</answer>"]), config=config, sandbox=sandbox)
+        crops += agent.answer(image, "Which color?").trajectory.sandbox_images
+    assert len(set(crops)) == 2
+    assert [Image.open(c).convert("RGB").getpixel((0, 0)) for c in crops] == [(255, 0, 0), (0, 0, 255)]
