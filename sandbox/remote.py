@@ -66,6 +66,10 @@ class RemoteSandbox:
         server_paths (`bool`, defaults to `False`): send image paths for the server to open (they must lie under
             one of its ``--allow-root`` folders, e.g. a dataset on shared storage) instead of uploading the files.
         request_timeout_s (`float`, defaults to `300.0`): longest wait for one answer.
+        timeout (`float`, *optional*): the per-run limit the caller expects. The server's ``--timeout-s`` decides;
+            a different value here is reported once as a warning, so a mismatch between the two is visible.
+        **local_options: settings of a local pool (``limits``, ``repairs``, ``pool_size``, ``work_dir``), which a
+            remote pool does not take; passing one raises ``InvalidInput`` naming the server flag to use instead.
 
     Example:
         ```python
@@ -78,7 +82,13 @@ class RemoteSandbox:
     """
 
     def __init__(self, url: str, token: str | None = None, *, server_paths: bool = False,
-                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:  # fmt: skip
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, timeout: float | None = None,
+                 **local_options: Any) -> None:  # fmt: skip
+        if local_options:
+            raise InvalidInput(
+                f"{', '.join(sorted(local_options))} cannot be set on a remote sandbox: the server's pool owns them; "
+                "start `thyme sandbox serve` with --workers / --timeout-s / --max-pixels instead"
+            )
         try:
             import httpx
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -87,6 +97,8 @@ class RemoteSandbox:
             raise InvalidInput(f"sandbox server URL {url!r} must start with http:// or https://")
         self.url = url.rstrip("/")
         self.server_paths = server_paths
+        self.timeout = timeout
+        self._timeout_checked = timeout is None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
             base_url=self.url, headers=headers, timeout=httpx.Timeout(request_timeout_s, connect=CONNECT_TIMEOUT_S)
@@ -136,10 +148,18 @@ class RemoteSandbox:
             response = self.request("POST", f"{API_PREFIX}/sessions", data=data)
         else:
             response = self._upload(paths, data)
-        remote = RemoteSession(self, response.json())
+        info = response.json()
+        self._check_timeout(float(info["run_timeout_s"]))
+        remote = RemoteSession(self, info)
         with self._lock:
             self._sessions.add(remote)
         return remote
+
+    def _check_timeout(self, server_timeout_s: float) -> None:
+        if not self._timeout_checked and self.timeout != server_timeout_s:
+            logger.warning("sandbox server %s runs code with a %g s limit, not the %g s asked for; its --timeout-s "
+                           "decides", self.url, server_timeout_s, self.timeout)  # fmt: skip
+        self._timeout_checked = True
 
     def _upload(self, paths: list[Path], data: dict[str, Any]) -> httpx.Response:
         missing = [str(p) for p in paths if not p.is_file()]

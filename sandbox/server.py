@@ -51,7 +51,8 @@ class SessionInfo(BaseModel):
     session_id: str
     input_paths: list[str] = Field(description="paths to tell the model; the code can open them read-only")
     scratch_dir: str = Field(description="server folder where the code's images are saved")
-    idle_timeout_s: float
+    idle_timeout_s: float = Field(description="the session is closed after this long unused")
+    run_timeout_s: float = Field(description="wall-clock limit of one run")
 
 
 class RunRequest(BaseModel):
@@ -228,7 +229,8 @@ def _add_routes(app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> N
             _remove_tree(upload_dir)
             raise
         return SessionInfo(session_id=entry.session_id, input_paths=list(entry.session.input_paths),
-                           scratch_dir=str(entry.session.scratch_dir), idle_timeout_s=config.idle_timeout_s)
+                           scratch_dir=str(entry.session.scratch_dir), idle_timeout_s=config.idle_timeout_s,
+                           run_timeout_s=config.timeout_s)
 
     @app.post(f"{API_PREFIX}/sessions/{{session_id}}/run", tags=["sessions"], dependencies=auth)
     def run_code(request: Request, session_id: str, body: RunRequest) -> RunResponse:
