@@ -131,7 +131,8 @@ def test_local_backend_stops_at_a_stop_string_and_keeps_it(backend, images) -> N
     stopped = backend.generate(messages, stop=["never-produced", stop], sampling=GREEDY)
     assert stopped.finish_reason == FINISH_STOP
     # Generation ends where the stop string is first completed in the stream prompt + new text ("Now" + text).
-    assert stopped.text == full.text[: ("Now" + full.text).find(stop) + len(stop) - len("Now")]
+    # (Occurrences wholly inside the prompt do not count, hence the search from the prompt's last character.)
+    assert stopped.text == full.text[: ("Now" + full.text).find(stop, len("Now") - 1) + len(stop) - len("Now")]
     assert stopped.token_ids == full.token_ids[: len(stopped.token_ids)] and len(stopped.token_ids) < 8
     # The stop strings of earlier rounds already in the prompt (the closing code tag) do not end the new text.
     assert backend.generate(messages, stop=[protocol.CODE_CLOSE], sampling=GREEDY).finish_reason == FINISH_LENGTH

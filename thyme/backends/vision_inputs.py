@@ -79,6 +79,17 @@ def iter_image_items(messages: list[dict]) -> Iterator[dict]:
                     yield item
 
 
+def image_format(source: str | Path | Image.Image) -> str | None:
+    """The stored format (``"JPEG"``, ``"PNG"``...) of an image source, read from its header; None if unknown."""
+    if isinstance(source, Image.Image):
+        return source.format
+    try:
+        with _open_lazily(str(source)) as image:
+            return image.format
+    except (OSError, ValueError):  # unreadable here: open_image reports it when the pixels are needed
+        return None
+
+
 def open_image(source: str | Path | Image.Image) -> Image.Image:
     """Opens a path, ``file://`` URL, ``data:`` URL or PIL image as an RGB image (transparency on white, as
     qwen-vl-utils does).
@@ -91,11 +102,7 @@ def open_image(source: str | Path | Image.Image) -> Image.Image:
     else:
         text = str(source)
         try:
-            if text.startswith(_DATA_URL_PREFIX):
-                image = Image.open(io.BytesIO(base64.b64decode(text.split(",", 1)[1])))
-            else:
-                path = unquote(urlparse(text).path) if text.startswith(_FILE_URL_PREFIX) else text
-                image = Image.open(path)
+            image = _open_lazily(text)
             image.load()
         except FileNotFoundError as exc:
             raise ImageError(f"image not found: {text}: check the path the message names") from exc
@@ -107,6 +114,13 @@ def open_image(source: str | Path | Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.split()[3])
         return background
     return image.convert("RGB")
+
+
+def _open_lazily(text: str) -> Image.Image:
+    """``Image.open`` (header only) of a path, ``file://`` URL or base64 ``data:`` URL."""
+    if text.startswith(_DATA_URL_PREFIX):
+        return Image.open(io.BytesIO(base64.b64decode(text.split(",", 1)[1])))
+    return Image.open(unquote(urlparse(text).path) if text.startswith(_FILE_URL_PREFIX) else text)
 
 
 def prepare_image(
@@ -139,6 +153,7 @@ __all__ = [
     "DEFAULT_MIN_PIXELS",
     "MAX_ASPECT_RATIO",
     "QWEN2_VL_IMAGE_FACTOR",
+    "image_format",
     "iter_image_items",
     "open_image",
     "prepare_image",
