@@ -35,8 +35,8 @@ ORIGINAL_SFT_MAX_PIXELS = 3211264
 DEFAULT_MIN_PIXELS = 3136
 # The vision tower's module name in transformers' Qwen2-VL/2.5-VL/3-VL models; LoRA leaves it alone when it is frozen.
 VISION_MODULE_REGEX = r".*\.visual\..*"
-# resume_from_checkpoint value that means "the newest checkpoint in output_dir".
-RESUME_LAST = "last"
+# resume_from_checkpoint values that mean "the newest checkpoint in output_dir" (as thyme-train for RL).
+RESUME_LATEST = ("true", "last", "latest")
 
 
 @dataclass
@@ -124,41 +124,40 @@ class ThymeSFTConfig(SFTConfig):
 
 
 def parse_config(argv: Sequence[str] | None) -> tuple[ThymeSFTConfig, ModelConfig]:
-    """Reads ``CONFIG.yaml [--override key=value ...]`` into the SFT and model configs.
+    """Reads ``CONFIG.yaml [--override key=value ...]`` into the SFT and model configs (the RL trainer's YAML reader,
+    so both stages take the same file style).
 
     Raises:
-        ConfigError: the file is unreadable, a key is unknown, or an override is not ``key=value``.
+        ConfigError: the file is unreadable, a key is unknown (all named), an override is not ``key=value``, a value
+            is invalid, or the model or data is not set.
     """
-    import yaml
+    from thyme.train.cli import read_config_values
     from transformers import HfArgumentParser
 
     parser = argparse.ArgumentParser(prog="thyme-train sft", description="Supervised fine-tuning of a Thyme model.")
-    parser.add_argument("config", type=Path, help="YAML file with ThymeSFTConfig and ModelConfig keys")
+    parser.add_argument("config", type=Path, help="YAML file with ThymeSFTConfig and ModelConfig keys (docs/sft.md)")
     parser.add_argument(
         "--override", action="append", default=[], metavar="KEY=VALUE", help="change one key (value read as YAML)"
     )
     args = parser.parse_args(argv)
-    try:
-        values = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read config {args.config}: {exc}") from exc
-    if not isinstance(values, dict):
-        raise ConfigError(f"{args.config}: expected a mapping of keys to values, got {type(values).__name__}")
-    for override in args.override:
-        key, sep, raw = override.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--override {override!r}: expected KEY=VALUE, e.g. --override learning_rate=1e-6")
-        values[key.strip()] = yaml.safe_load(raw)
+    values = read_config_values(args.config, args.override)
     hf_parser = HfArgumentParser((ThymeSFTConfig, ModelConfig))
-    known = {f for dataclass_type in hf_parser.dataclass_types for f in dataclass_type.__dataclass_fields__}
+    known = {name for cls in hf_parser.dataclass_types for name in cls.__dataclass_fields__}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{args.config}: unknown key(s) {unknown}; see `thyme-train sft --help` and docs/sft.md")
-    sft_config, model_config = hf_parser.parse_dict(values)
+        raise ConfigError(f"{args.config}: unknown key(s) {unknown}; the keys are listed in docs/sft.md")
+    try:
+        sft_config, model_config = hf_parser.parse_dict(values)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ThymeError):
+            raise
+        raise ConfigError(f"{args.config}: {exc}") from exc
     if not model_config.model_name_or_path:
         raise ConfigError(f"{args.config}: set model_name_or_path (a hub id or a local checkpoint folder)")
     if not sft_config.train_file:
-        raise ConfigError(f"{args.config}: set train_file (Thyme-SFT rows; see `thyme data convert`)")
+        raise ConfigError(
+            f"{args.config}: set train_file (Thyme-SFT rows; convert released data with `thyme data convert`)"
+        )
     return sft_config, model_config
 
 
@@ -236,20 +235,57 @@ def peft_config_for(config: ThymeSFTConfig, model_config: ModelConfig):
 
 
 def resolve_resume(config: ThymeSFTConfig) -> str | None:
-    """``resume_from_checkpoint``: a path, or ``last`` for the newest ``checkpoint-*`` in ``output_dir``.
+    """``resume_from_checkpoint``: a checkpoint folder, or ``true``/``last``/``latest`` for the newest
+    ``checkpoint-*`` in ``output_dir`` (the RL trainer's convention).
 
     Raises:
-        ConfigError: ``last`` was asked but ``output_dir`` holds no checkpoint.
+        ConfigError: the newest checkpoint was asked but ``output_dir`` holds none, or the folder does not exist.
     """
     from transformers.trainer_utils import get_last_checkpoint
 
     value = config.resume_from_checkpoint
-    if value is None or str(value).lower() != RESUME_LAST:
-        return value
-    last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-    if last is None:
-        raise ConfigError(f"resume_from_checkpoint=last but {config.output_dir} holds no checkpoint-* folder")
-    return last
+    if value is None or str(value).lower() in ("false", "none", ""):
+        return None
+    if str(value).lower() in RESUME_LATEST:
+        last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+        if last is None:
+            raise ConfigError(f"resume_from_checkpoint={value}: no checkpoint-* folder in {config.output_dir}")
+        return last
+    if not Path(value).is_dir():
+        raise ConfigError(f"resume_from_checkpoint {value} is not a folder")
+    return str(value)
+
+
+def _full_model_checkpoint(folder: str) -> bool:
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    return any((Path(folder) / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+
+
+def make_trainer(**kwargs: Any) -> Any:
+    """Builds TRL's ``SFTTrainer`` with checkpoint resume fixed for Qwen-VL models (arguments as ``SFTTrainer``).
+
+    transformers saves Qwen2.5-VL checkpoints in the original key layout (``model.layers.*``, ``visual.*``) but
+    ``Trainer._load_from_checkpoint`` loads them with a plain ``load_state_dict`` into the renamed modules
+    (``model.language_model.*``, ``model.visual.*``): every key misses, a warning is logged, and training "resumes"
+    from the un-restored weights (huggingface/transformers#43701, open for transformers 5.24). The override loads
+    full-model checkpoints through ``from_pretrained``, which applies the key conversion; LoRA adapters, DeepSpeed and
+    FSDP checkpoints keep TRL's path (they are not affected).
+    """
+    from peft import PeftModel
+    from trl import SFTTrainer
+
+    class ThymeSFTTrainer(SFTTrainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            model = self.model if model is None else model
+            if isinstance(model, PeftModel) or not _full_model_checkpoint(resume_from_checkpoint):
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+                return
+            logger.info("loading model weights from %s (with the checkpoint key conversion)", resume_from_checkpoint)
+            saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+            model.load_state_dict(saved.state_dict(), strict=True)
+
+    return ThymeSFTTrainer(**kwargs)
 
 
 def train(config: ThymeSFTConfig, model_config: ModelConfig) -> Path:
@@ -259,7 +295,6 @@ def train(config: ThymeSFTConfig, model_config: ModelConfig) -> Path:
         `Path`: the output directory.
     """
     from thyme.train.sft_collator import ThymeSFTCollator
-    from trl import SFTTrainer
 
     from thyme.backends.processor import load_processor
 
@@ -275,7 +310,7 @@ def train(config: ThymeSFTConfig, model_config: ModelConfig) -> Path:
     if config.max_length is not None:
         dataset = collator.drop_overlong(dataset)
     resume = resolve_resume(config)
-    trainer = SFTTrainer(
+    trainer = make_trainer(
         model=load_model(config, model_config),
         args=config,
         data_collator=collator,
