@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -36,7 +36,6 @@ from thyme.evaluation.metrics import Metrics, compute_metrics
 from thyme.evaluation.predictions import PREDICTIONS_FILE, Prediction, PredictionsFile
 from thyme.evaluation.report import DEFAULT_REPORT_EXAMPLES, write_report, write_results
 from thyme.prompts import format_mcq, format_vqa, format_yes_no
-from thyme.protocol import extract_answer
 from thyme.trajectory import ModelText, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -86,19 +85,44 @@ class EvalResult:
     skipped: int  # rows taken from an earlier run's predictions.jsonl
 
 
+def format_by_type(
+    kind: str,
+    question: str,
+    options: Mapping[str, str] | None = None,
+    hint: str | None = None,
+    *,
+    instruction: bool = True,
+) -> str:
+    """Formats a question as VLMEvalKit's Thyme prompt mixin does for its type (reference section 1.2).
+
+    Args:
+        kind: ``"mcq"``, ``"yes_no"`` or ``"vqa"``.
+        question: the raw question.
+        options: letter -> text (multiple choice only).
+        hint: VLMEvalKit's hint line (multiple choice only).
+        instruction: add the yes/no or short-answer instruction (VLMEvalKit leaves it off for MME and MMVet).
+
+    Raises:
+        ConfigError: an unknown ``kind``.
+    """
+    if kind == "mcq":
+        return format_mcq(question, options or {}, hint=hint)
+    if kind == "yes_no":
+        return format_yes_no(question, add_instruction=instruction)
+    if kind == "vqa":
+        return format_vqa(question, add_instruction=instruction)
+    raise ConfigError(f"question type {kind!r} is not one of mcq, yes_no, vqa")
+
+
 def format_question(item: EvalItem) -> str:
-    """The question text a model sees for ``item``, by question type (reference section 1.2).
+    """The question text a model sees for ``item``, by its question type (see :func:`format_by_type`).
 
     Example:
         >>> from thyme.evaluation.datasets import EvalItem
         >>> format_question(EvalItem(index="1", question="Is it red?", answer="yes"))
         'Is it red? Please answer yes or no.'
     """
-    if item.question_type == "mcq":
-        return format_mcq(item.question, item.options, hint=item.hint)
-    if item.question_type == "yes_no":
-        return format_yes_no(item.question)
-    return format_vqa(item.question)
+    return format_by_type(item.question_type, item.question, item.options, item.hint)
 
 
 def _usage(trajectories: Sequence[Trajectory]) -> tuple[int, int, int]:
@@ -108,18 +132,36 @@ def _usage(trajectories: Sequence[Trajectory]) -> tuple[int, int, int]:
     return len(generations), generated, sum(g.prompt_tokens for g in generations)
 
 
-def _answer_direct(backend: Backend, item: EvalItem, image: Path, question: str, agent_config: AgentConfig) -> dict:
-    # The plain chat VLMEvalKit gives the base model: the image, then the formatted question; no system prompt.
-    image_item = {"type": "image", "image": str(image), **agent_config.image_options}
+def generate_direct(backend: Backend, image_path: str, question: str, agent_config: AgentConfig) -> Trajectory:
+    """Asks ``question`` about the image in one plain generation: no system prompt, no tools, greedy.
+
+    This is the chat VLMEvalKit gives a base Qwen2.5-VL (the image, then the formatted question), so ``--mode direct``
+    measures the baseline the paper compares against with the same model, backend and harness.
+
+    Returns:
+        A one-segment trajectory (empty system prompt) holding the reply and its Generation.
+    """
+    image_item = {"type": "image", "image": image_path, **agent_config.image_options}
     messages = [{"role": "user", "content": [image_item, {"type": "text", "text": question}]}]
     sampling = agent_config.greedy_sampling()
     generation = backend.generate(messages, stop=(), sampling=sampling)
-    trajectory = Trajectory("", question, [str(image)], [ModelText(generation.text, generation, sampling)],
-                            dict(agent_config.image_options), question, {"mode": "direct"})  # fmt: skip
-    answer = extract_answer(generation.text)
+    segment = ModelText(generation.text, generation, sampling)
+    return Trajectory("", question, [image_path], [segment], dict(agent_config.image_options), question,
+                      {"mode": "direct"})  # fmt: skip
+
+
+def direct_answer(trajectory: Trajectory) -> str:
+    """The answer of a direct reply: inside ``<answer>`` when the model used the tags (a Thyme model does), else the
+    whole reply, which the matching rules then read."""
+    answer = trajectory.answer
+    return answer if answer is not None else trajectory.text.strip()
+
+
+def _answer_direct(backend: Backend, image: Path, question: str, agent_config: AgentConfig) -> dict:
+    trajectory = generate_direct(backend, str(image), question, agent_config)
     calls, generated, prompt = _usage([trajectory])
     return {
-        "prediction": answer if answer is not None else generation.text.strip(),
+        "prediction": direct_answer(trajectory),
         "generation_calls": calls,
         "generated_tokens": generated,
         "prompt_tokens": prompt,
@@ -183,7 +225,7 @@ class _RowRunner:
     def _answer(self, item: EvalItem, image: Path, question: str) -> dict:
         backend = self.backend_for(item)
         if self.config.mode == "direct":
-            return _answer_direct(backend, item, image, question, self.agent_config)
+            return _answer_direct(backend, image, question, self.agent_config)
         from thyme.agent import ThymeAgent
 
         crops = self.out_dir / CROPS_DIR / _safe_name(item.index)
