@@ -14,8 +14,25 @@ Titles are plain text: emoji render as empty boxes where the browser has no emoj
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import gradio as gr
 
+from thyme.loop import (
+    STOP_BUDGET,
+    STOP_EMPTY,
+    STOP_EOS,
+    STOP_MALFORMED_CODE,
+    STOP_REPETITION,
+    AttemptFinished,
+    AttemptStarted,
+    CodeStarted,
+    Event,
+    Finished,
+    RolloutResult,
+    SandboxFinished,
+    TextGenerated,
+)
 from thyme.protocol import MISSING_ANSWER, THINK_CLOSE, THINK_OPEN
 from thyme.trajectory import Answer, Code, Prose, SandboxOutput, Trajectory
 
@@ -26,7 +43,18 @@ ERROR_TITLE = "Sandbox error (step {step})"
 ANSWER_HEADING = "### Answer"
 NO_ANSWER_TITLE = "No answer"
 PROBLEM_TITLE = "Error"
-THINKING_TITLE = "Thinking"
+THINKING_TITLE = "The model is writing"
+THINKING_TEXT = "Waiting for the backend to return the next piece of the reasoning."
+RETRY_TITLE = "Attempt {attempt} ended without an answer"
+FALLBACK_TITLE = "Asking once more with the plain fallback prompt"
+# Why an attempt ended without an answer, in the user's words (the loop's STOP_* reasons).
+STOP_REASON_TEXT = {
+    STOP_EOS: "the model ended its turn without an <answer>.",
+    STOP_EMPTY: "the model returned no text.",
+    STOP_BUDGET: "the budget of generation calls was used up (raise 'Max generation calls' in the settings).",
+    STOP_REPETITION: "the model kept repeating itself until the token limit.",
+    STOP_MALFORMED_CODE: "the model closed a code block that was not a complete <code> block.",
+}
 # Status values of Gradio's MetadataDict: "pending" shows a spinner, "done" closes the accordion.
 _PENDING = "pending"
 _DONE = "done"
@@ -127,8 +155,83 @@ def render_trajectory(
     return messages
 
 
+@dataclass
+class TurnView:
+    """What the chat shows for one question, built from the loop's events as they stream in.
+
+    The loop may run several attempts (retries, then the fallback prompt, see :mod:`thyme.loop`); each attempt's
+    trajectory is shown in order, a failed one followed by a note saying why it ended. Until the loop finishes, the
+    last message is a pending one (the model writing, or a code block in the sandbox) so a slow backend is not
+    mistaken for a stuck page.
+
+    Example:
+        >>> view = TurnView()
+        >>> for event in agent.stream(image, question):  # doctest: +SKIP
+        ...     view.apply(event)
+        ...     chat = history + view.messages(show_reasoning=True)
+    """
+
+    attempts: list[Trajectory] = field(default_factory=list)
+    fallback: list[bool] = field(default_factory=list)
+    stop_reasons: list[str | None] = field(default_factory=list)
+    running_code: bool = False
+    result: RolloutResult | None = None
+
+    def apply(self, event: Event) -> None:
+        """Records one loop event (the trajectories themselves are the loop's live objects)."""
+        if isinstance(event, AttemptStarted):
+            self.attempts.append(event.trajectory)
+            self.fallback.append(event.fallback)
+            self.stop_reasons.append(None)
+        elif isinstance(event, CodeStarted):
+            self.running_code = True
+        elif isinstance(event, SandboxFinished):
+            self.running_code = False
+        elif isinstance(event, AttemptFinished):
+            self.stop_reasons[-1] = event.stop_reason
+        elif isinstance(event, Finished):
+            self.result = event.result
+        elif not isinstance(event, TextGenerated):
+            raise TypeError(f"unknown loop event {event!r}")
+
+    @property
+    def finished(self) -> bool:
+        """True once the loop's Finished event arrived."""
+        return self.result is not None
+
+    def messages(self, *, show_reasoning: bool = True) -> list[gr.ChatMessage]:
+        """The assistant messages for this question so far (see the class docstring)."""
+        messages: list[gr.ChatMessage] = []
+        last = len(self.attempts) - 1
+        for index, (trajectory, reason) in enumerate(zip(self.attempts, self.stop_reasons, strict=True)):
+            if self.fallback[index]:
+                messages.append(gr.ChatMessage(content=FALLBACK_TITLE, metadata={"title": FALLBACK_TITLE}))
+            is_current = index == last
+            messages.extend(
+                render_trajectory(
+                    trajectory, show_reasoning=show_reasoning, running_code=self.running_code and is_current
+                )
+            )
+            if reason in STOP_REASON_TEXT:
+                title = RETRY_TITLE.format(attempt=index + 1)
+                messages.append(
+                    gr.ChatMessage(content=STOP_REASON_TEXT[reason], metadata={"title": title, "status": _DONE})
+                )
+        if self.result is None:
+            if not self.running_code:
+                messages.append(
+                    gr.ChatMessage(content=THINKING_TEXT, metadata={"title": THINKING_TITLE, "status": _PENDING})
+                )
+            return messages
+        shown = bool(self.attempts) and any(isinstance(p, Answer) for p in self.attempts[-1].parts())
+        if not shown:
+            messages.append(render_answer(self.result.answer if self.result.has_answer else None))
+        return messages
+
+
 __all__ = [
     "ANSWER_HEADING",
+    "TurnView",
     "render_answer",
     "render_code",
     "render_problem",

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "thyme.commands.answer",
     "thyme.commands.eval",
     "thyme.commands.data",
+    "thyme.ui.cli",
 )
 
 

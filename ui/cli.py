@@ -1,0 +1,102 @@
+"""``thyme demo``: the Gradio chat; with no model flag it replays the original README example, so it always starts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Adds the ``demo`` sub-command."""
+    parser = commands.add_parser(
+        "demo",
+        help="open the Gradio chat: upload an image, ask, watch the model think with code",
+        description=(
+            "Starts a web chat where the model reasons about an uploaded image, writes Python that the sandbox runs, "
+            "sees its crops and answers. Choose the model with --model (hub id or local checkpoint, transformers), "
+            "--endpoint (an OpenAI-compatible server such as vLLM) or --scripted (replay recorded model text). "
+            "With none of them the demo replays the original README example (no weights, no GPU)."
+        ),
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="ID_OR_PATH", help="hub id (Kwai-Keye/Thyme-RL) or local checkpoint")
+    source.add_argument("--endpoint", metavar="URL", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    source.add_argument(
+        "--scripted", type=Path, metavar="FILE", help="replay model text from a JSON script (default: README example)"
+    )
+    parser.add_argument("--model-name", metavar="NAME", help="model name to request from --endpoint")
+    parser.add_argument("--device", help="transformers device: cpu, cuda, cuda:1 or auto (default: cuda if any)")
+    parser.add_argument("--dtype", default="auto", help="transformers dtype: auto, bfloat16, float16, float32")
+    parser.add_argument("--max-new-tokens", type=int, default=2048, metavar="N", help="tokens per call (2048)")
+    parser.add_argument("--sandbox-timeout-s", type=float, default=10.0, help="seconds per code block (10)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.set_defaults(handler=run_demo)
+
+
+def _build_backend(args: argparse.Namespace) -> Any:
+    """The shared backend for --model / --endpoint (None for a scripted replay, which is made per question)."""
+    from thyme.backends import BACKENDS
+    from thyme.errors import ConfigError
+
+    if args.model_name and not args.endpoint:
+        raise ConfigError("--model-name only applies with --endpoint")
+    if args.endpoint:
+        return BACKENDS["openai"](args.endpoint, model=args.model_name)
+    if args.model:
+        from thyme.agent import ThymeAgent
+
+        return ThymeAgent.from_pretrained(args.model, dtype=args.dtype, device=args.device).backend
+    return None
+
+
+def _description(args: argparse.Namespace, script: Path) -> str:
+    if args.endpoint:
+        return f"Model served at `{args.endpoint}`."
+    if args.model:
+        return f"Model `{args.model}` (transformers)."
+    return (
+        f"**Scripted replay** of `{script.name}`: every question gets the recorded answer of the original README "
+        "example (the license plate of the blue car), run through the real loop and sandbox. Start with "
+        "`--model` or `--endpoint` for a real model."
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Loads the backend, starts the sandbox and serves the demo until interrupted."""
+    from thyme.sandbox import Sandbox
+    from thyme.ui.app import (
+        EXAMPLES_DIR,
+        README_SCRIPT,
+        build_demo,
+        readme_example,
+        scripted_agent_factory,
+        shared_agent_factory,
+    )
+
+    from thyme.config import AgentConfig
+
+    base_config = AgentConfig(max_new_tokens=args.max_new_tokens, sandbox_timeout_s=args.sandbox_timeout_s)
+    backend = _build_backend(args)
+    script = args.scripted or README_SCRIPT
+    with Sandbox(timeout=args.sandbox_timeout_s) as sandbox:
+        if backend is None:
+            factory = scripted_agent_factory(script, sandbox)
+        else:
+            factory = shared_agent_factory(backend, sandbox)
+        demo = build_demo(
+            factory, base_config=base_config, examples=[readme_example()], description=_description(args, script)
+        )
+        try:
+            demo.queue().launch(
+                server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(EXAMPLES_DIR)]
+            )
+        finally:
+            if backend is not None:
+                backend.close()
+    return 0
