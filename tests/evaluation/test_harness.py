@@ -93,6 +93,7 @@ def test_thyme_mode_scores_known_answers_and_keeps_crops(synth_set: Path, tmp_pa
     assert m.code_use_rate == 0.5
     assert (m.sandbox_runs, m.sandbox_error_rate) == (4, 0.25)
     assert m.avg_generation_calls == (4 * 2 + 4 * 1) / 8
+    assert m.avg_generated_tokens is None  # the scripted backend reports no token ids: unknown, not 0
     assert m.categories["color"].total == 2 and m.categories["color"].correct == 2  # rows 0 and 4
     assert m.categories["digits"].correct == 1  # row 3 right, row 7 wrong
 
@@ -116,6 +117,7 @@ def test_thyme_mode_scores_known_answers_and_keeps_crops(synth_set: Path, tmp_pa
     assert len(lines) == N_ROWS and json.loads(lines[0])["trajectory"]["segments"]
     report = (tmp_path / "report.md").read_text()
     assert "**Accuracy: 75.0 %** (6/8)" in report
+    assert "Tokens per answer: n/a (backend reports no token ids) generated" in report
     assert f"![crop]({Path(crop_path).relative_to(tmp_path).as_posix()})" in report
 
 

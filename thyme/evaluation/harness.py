@@ -125,10 +125,12 @@ def format_question(item: EvalItem) -> str:
     return format_by_type(item.question_type, item.question, item.options, item.hint)
 
 
-def _usage(trajectories: Sequence[Trajectory]) -> tuple[int, int, int]:
-    """(generation calls, generated tokens, prompt tokens) over every attempt of a row."""
+def _usage(trajectories: Sequence[Trajectory]) -> tuple[int, int | None, int]:
+    """(generation calls, generated tokens, prompt tokens) over every attempt of a row. Generated tokens are None
+    when a backend reports no token ids (the OpenAI-compatible and scripted backends), rather than a false 0."""
     generations = [g for t in trajectories for g in t.generations]
-    generated = sum(len(g.token_ids) for g in generations if g.token_ids is not None)
+    known = all(g.token_ids is not None for g in generations)
+    generated = sum(len(g.token_ids or ()) for g in generations) if known else None
     return len(generations), generated, sum(g.prompt_tokens for g in generations)
 
 

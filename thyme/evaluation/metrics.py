@@ -45,7 +45,7 @@ class Metrics:
         avg_generation_calls: generation calls per row.
         sandbox_runs: code blocks run in total.
         sandbox_error_rate: share of sandbox runs that ended in an error (0 when none ran).
-        avg_generated_tokens: generated tokens per row.
+        avg_generated_tokens: generated tokens per row, over rows whose backend reported them (None: none did).
         avg_prompt_tokens: prompt tokens processed per row.
     """
 
@@ -62,7 +62,7 @@ class Metrics:
     avg_generation_calls: float = 0.0
     sandbox_runs: int = 0
     sandbox_error_rate: float = 0.0
-    avg_generated_tokens: float = 0.0
+    avg_generated_tokens: float | None = None
     avg_prompt_tokens: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +87,11 @@ def _group(predictions: list[Prediction], key: str) -> dict[str, CategoryScore]:
         pair[0] += int(record.correct)
         pair[1] += 1
     return {name: CategoryScore(correct=c, total=t) for name, (c, t) in sorted(counts.items())}
+
+
+def _known_mean(values: list[int | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def compute_metrics(predictions: Iterable[Prediction]) -> Metrics:
@@ -124,6 +129,6 @@ def compute_metrics(predictions: Iterable[Prediction]) -> Metrics:
         avg_generation_calls=mean(r.generation_calls for r in rows),
         sandbox_runs=sandbox_runs,
         sandbox_error_rate=sum(r.sandbox_errors for r in rows) / sandbox_runs if sandbox_runs else 0.0,
-        avg_generated_tokens=mean(r.generated_tokens for r in rows),
+        avg_generated_tokens=_known_mean([r.generated_tokens for r in rows]),
         avg_prompt_tokens=mean(r.prompt_tokens for r in rows),
     )

@@ -36,7 +36,7 @@ class Prediction:
         generation_calls: how many times the model generated.
         code_blocks: how many code blocks the sandbox ran.
         sandbox_errors: how many of those ended in an error shown to the model.
-        generated_tokens: new tokens over all generation calls (0 when the backend does not report them).
+        generated_tokens: new tokens over all generation calls; None when the backend does not report them.
         prompt_tokens: prompt tokens processed over all calls.
         images: sandbox images (crops) in the order they were produced.
         trajectory: the full trajectory as a JSON object (see :mod:`thyme.trajectory`), or the raw text in
@@ -58,7 +58,7 @@ class Prediction:
     generation_calls: int = 0
     code_blocks: int = 0
     sandbox_errors: int = 0
-    generated_tokens: int = 0
+    generated_tokens: int | None = 0
     prompt_tokens: int = 0
     images: list[str] = field(default_factory=list)
     trajectory: Any = None

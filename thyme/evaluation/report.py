@@ -51,6 +51,8 @@ def _score_table(title: str, scores: dict[str, CategoryScore]) -> list[str]:
 
 
 def _summary(metrics: Metrics, run_info: dict[str, Any]) -> list[str]:
+    average = metrics.avg_generated_tokens
+    generated = "n/a (backend reports no token ids)" if average is None else f"{average:.1f}"
     lines = [
         f"# Thyme evaluation: {run_info.get('dataset', '?')}",
         "",
@@ -65,7 +67,7 @@ def _summary(metrics: Metrics, run_info: dict[str, Any]) -> list[str]:
         f"- Used code: {_percent(metrics.code_use_rate)} % of answers; generation calls per answer: "
         f"{metrics.avg_generation_calls:.2f}",
         f"- Sandbox runs: {metrics.sandbox_runs}, of which {_percent(metrics.sandbox_error_rate)} % ended in an error",
-        f"- Tokens per answer: {metrics.avg_generated_tokens:.1f} generated, {metrics.avg_prompt_tokens:.1f} prompt",
+        f"- Tokens per answer: {generated} generated, {metrics.avg_prompt_tokens:.1f} prompt",
         "",
     ]
     lines += _score_table("category", metrics.categories)
