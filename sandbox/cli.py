@@ -33,6 +33,10 @@ def add_sandbox_commands(subcommands: argparse._SubParsersAction) -> None:
     run.add_argument("--json", action="store_true", help="print the result as one JSON object")
     run.set_defaults(handler=run_code)
 
+    from thyme.sandbox.server_cli import add_server_commands  # `serve` and `mcp`; imports only the stdlib
+
+    add_server_commands(subcommands)
+
 
 def run_code(args: argparse.Namespace) -> int:
     """Handler of ``thyme sandbox run``: exit code 0 when the code ran fine, 2 when it failed."""

@@ -87,7 +87,8 @@ class CodeRunner:
             error = ("Code execution failed due to ImportError. Ensure all required modules are available and "
                      f"correctly named: {exc}")
         except MemoryError as exc:
-            error = f"Code execution failed due to MemoryError. The operation likely consumed too much memory: {exc}"
+            error = "Code execution failed due to MemoryError. The operation likely consumed too much memory"
+            error += f": {exc}" if str(exc) else "."
         except BaseException as exc:  # noqa: BLE001 - any failure of the model's code is reported back to it
             error = f"Code execution failed: {_describe_exception(exc)}"
         after = self.namespace.get("processed_path")

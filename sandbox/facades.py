@@ -30,11 +30,17 @@ CV2_REFUSED_WORDS = ("read", "write", "load", "save", "video", "capture", "casca
                      "mesh", "pointcloud", "config", "samples")
 NUMPY_REFUSED = frozenset({"fromfile", "memmap", "fromregex", "DataSource", "tofile", "ctypeslib", "f2py", "testing",
                            "lib", "show_config", "show_runtime", "info"})
-NUMPY_SUBMODULES = frozenset({"linalg", "random", "fft", "polynomial", "ma", "emath", "char", "strings", "rec"})
+# Not numpy.ma (ma.dump/ma.load pickle to and from files) nor numpy.rec (rec.fromfile).
+NUMPY_SUBMODULES = frozenset({"linalg", "random", "fft", "polynomial", "emath", "char", "strings"})
 PIL_SUBMODULES = frozenset({"Image", "ImageEnhance", "ImageFilter", "ImageOps", "ImageDraw", "ImageFont", "ImageStat",
                             "ImageChops", "ImageColor", "ImageSequence", "ImageTransform", "ExifTags"})
-# Methods on library objects that touch files or spawn viewers; PIL's Image.save is confined instead.
-REFUSED_METHODS = frozenset({"tofile", "dump", "show", "load", "read", "write", "open", "release"})
+# Methods of library objects (and classes) that touch files or spawn viewers, by the library that defines them;
+# PIL's Image.save is confined instead (policy.py).
+REFUSED_METHODS = {
+    "numpy": frozenset({"tofile", "dump"}),
+    "PIL": frozenset({"show"}),
+    "cv2": frozenset({"save", "load", "read", "write", "open", "writeComment"}),
+}
 STRING_NAMES = ("ascii_letters", "ascii_lowercase", "ascii_uppercase", "digits", "hexdigits", "octdigits",
                 "punctuation", "printable", "whitespace", "capwords")
 UUID_NAMES = ("uuid4", "uuid3", "uuid5", "UUID", "NAMESPACE_DNS", "NAMESPACE_URL", "NAMESPACE_OID", "NAMESPACE_X500")
@@ -296,8 +302,11 @@ def _pil_facade(paths: PathPolicy) -> ModuleFacade:
             overrides["open"] = open_image
         if name == "ImageFont":
             overrides.update(truetype=font_reader(module.truetype), load=font_reader(module.load))
-        refuse = (lambda attr, _v: attr in {"register_open", "register_save", "init", "preinit"}) if name == "Image" \
-            else None
+        refuse = None
+        if name == "Image":
+            refuse = lambda attr, _v: attr in {"register_open", "register_save", "init", "preinit"}  # noqa: E731
+        elif name == "ImageFont":
+            refuse = lambda attr, _v: attr == "load_path"  # noqa: E731 - searches sys.path for font files
         submodules[name] = ModuleFacade(f"PIL.{name}", module, overrides, refuse=refuse)
     return ModuleFacade("PIL", None, {}, submodules=submodules)
 

@@ -156,7 +156,7 @@ def make_getattr(paths: PathPolicy) -> Callable[..., Any]:
             return _confined_save(paths, obj)
         if isinstance(obj, type) and issubclass(obj, Image.Image) and name == "save":
             return lambda image, *args, **kwargs: _confined_save(paths, image)(*args, **kwargs)
-        if name in REFUSED_METHODS and _is_library_object(obj):
+        if name in REFUSED_METHODS.get(_library_of(obj), ()):
             raise PolicyViolation(f"{type(obj).__name__}.{name} is not available in the sandbox")
         return guarded_getattr(obj, name)
 
@@ -181,11 +181,10 @@ def guarded_getattr(obj: Any, name: str) -> Any:
     return value
 
 
-def _is_library_object(obj: Any) -> bool:
-    module = getattr(type(obj), "__module__", "") or ""
-    if isinstance(obj, type):
-        module = getattr(obj, "__module__", "") or ""
-    return module != SANDBOX_MODULE_NAME and module.split(".")[0] in {"cv2", "numpy", "PIL"}
+def _library_of(obj: Any) -> str:
+    """The top-level package that defines ``obj``'s class (or ``obj`` itself, for a class)."""
+    owner = obj if isinstance(obj, type) else type(obj)
+    return (getattr(owner, "__module__", None) or "").split(".")[0]
 
 
 def _describe(obj: Any) -> str:
@@ -198,10 +197,12 @@ def make_import(modules: dict[str, Any]) -> Callable[..., Any]:
     """The ``__import__`` of the sandbox: allow-listed top-level names, facades instead of modules."""
 
     def import_(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
-        if fromlist is not None and list(fromlist) == ["__doc__"]:
-            # C code calling PyImport_Import from the sandbox's frame (numpy's lazy `arr.mean()` helpers) passes
-            # this fromlist and then reads sys.modules itself; sandbox code cannot spell `__doc__`.
-            return builtins.__import__(name, None, None, fromlist, level)
+        if isinstance(fromlist, list):
+            # C code importing from the sandbox's frame (numpy's lazy `arr.mean()` helpers, datetime's strptime)
+            # goes through PyImport_Import, which passes a list and then reads sys.modules itself, ignoring what
+            # we return. Python's import statement passes a tuple or None, and sandbox code cannot call us.
+            builtins.__import__(name, None, None, fromlist, level)
+            return None
         top = name.split(".")[0]
         if level != 0 or top not in modules:
             allowed = ", ".join(sorted(ALLOWED_IMPORTS))

@@ -82,6 +82,18 @@ def _apply_limits(limits: Any) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def isolate(limits: Any) -> dict[str, str]:
+    """Steps 2-5 of the start-up: no network, warm imports, no root, rlimits. Returns what held, in words.
+
+    Tests call this in a bare interpreter to prove the process layer holds without the language policy.
+    """
+    network = _cut_network()
+    _warm_imports()
+    user = _drop_privileges()
+    _apply_limits(limits)
+    return {"network": network, "user": user}
+
+
 def _arm_cpu_limit(seconds: int) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     used = int(usage.ru_utime + usage.ru_stime) + 1
@@ -103,16 +115,14 @@ def main(argv: list[str]) -> int:
         os.dup2(devnull, fd)
     os.close(devnull)
 
-    network = _cut_network()
-    _warm_imports()
-    from thyme.sandbox.execution import CodeRunner
     from thyme.sandbox.limits import Limits
-    from thyme.sandbox.repair import RepairConfig
 
     limits = Limits(**json.loads(argv[0]))
-    user = _drop_privileges()
-    _apply_limits(limits)
-    _send(replies, {"ready": True, "pid": os.getpid(), "network": network, "user": user})
+    report = isolate(limits)
+    from thyme.sandbox.execution import CodeRunner
+    from thyme.sandbox.repair import RepairConfig
+
+    _send(replies, dict(report, ready=True, pid=os.getpid()))
     runner: CodeRunner | None = None
     for line in requests:
         request = json.loads(line)
