@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 try:
+    import anyio.to_thread
     from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
@@ -45,6 +46,7 @@ from .server_sessions import SandboxLike, SessionRegistry
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
+SPARE_THREADS = 8  # threads beyond sessions + queue, for image fetches and closes
 
 
 class SessionInfo(BaseModel):
@@ -124,6 +126,11 @@ def create_app(config: ServerConfig, sandbox: SandboxLike | None = None) -> Fast
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Blocking endpoints run in anyio's thread pool (40 threads by default); every open session may be
+        # running code while the queue waits, so the pool must be larger than both together, or runs would
+        # wait for a thread and "busy" would no longer be the only way to wait.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, (config.max_sessions or 1) + config.max_queue + SPARE_THREADS)
         pool = sandbox if sandbox is not None else _make_sandbox(config)
         app.state.sandbox = pool
         app.state.registry = SessionRegistry(
@@ -195,13 +202,14 @@ def _add_routes(app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> N
     def registry(request: Request) -> SessionRegistry:
         return request.app.state.registry  # type: ignore[no-any-return]
 
+    # async: liveness and metrics must answer even when every worker thread is busy running code.
     @app.get("/healthz", tags=["service"])
-    def healthz(request: Request) -> dict[str, Any]:
+    async def healthz(request: Request) -> dict[str, Any]:
         return {"status": "ok", "sessions_open": len(registry(request)), "max_sessions": config.max_sessions,
                 "workers_alive": count_workers_alive()}  # fmt: skip
 
     @app.get("/metrics", tags=["service"], dependencies=auth)
-    def metrics_endpoint(request: Request) -> dict[str, Any]:
+    async def metrics_endpoint(request: Request) -> dict[str, Any]:
         snapshot = metrics.snapshot()
         snapshot.update(sessions_open=len(registry(request)), max_sessions=config.max_sessions,
                         workers_alive=count_workers_alive())  # fmt: skip
