@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,7 @@ def parse_config(argv: Sequence[str] | None) -> tuple[ThymeSFTConfig, ModelConfi
         "--override", action="append", default=[], metavar="KEY=VALUE", help="change one key (value read as YAML)"
     )
     args = parser.parse_args(argv)
-    values = read_config_values(args.config, args.override)
+    values = coerce_numbers(read_config_values(args.config, args.override), (ThymeSFTConfig, ModelConfig))
     hf_parser = HfArgumentParser((ThymeSFTConfig, ModelConfig))
     known = {name for cls in hf_parser.dataclass_types for name in cls.__dataclass_fields__}
     unknown = sorted(set(values) - known)
@@ -159,6 +160,32 @@ def parse_config(argv: Sequence[str] | None) -> tuple[ThymeSFTConfig, ModelConfi
             f"{args.config}: set train_file (Thyme-SFT rows; convert released data with `thyme data convert`)"
         )
     return sft_config, model_config
+
+
+def coerce_numbers(values: dict[str, Any], dataclass_types: Sequence[type]) -> dict[str, Any]:
+    """Turns numeric text into numbers for numeric fields: PyYAML follows YAML 1.1, which reads ``1e-6`` (no dot) as a
+    string, and ``HfArgumentParser.parse_dict`` does not convert types, so ``learning_rate: 1e-6`` would reach the
+    optimizer as text.
+
+    Returns:
+        `dict`: a new mapping; fields that accept strings keep their text.
+    """
+    hints: dict[str, Any] = {}
+    for cls in dataclass_types:
+        hints.update(typing.get_type_hints(cls))
+    coerced = dict(values)
+    for key, value in values.items():
+        kinds = set(typing.get_args(hints.get(key))) or {hints.get(key)}
+        if not isinstance(value, str) or str in kinds:
+            continue
+        for kind in (int, float):
+            if kind in kinds:
+                try:
+                    coerced[key] = kind(value)
+                    break
+                except ValueError:
+                    continue
+    return coerced
 
 
 def load_sft_dataset(config: ThymeSFTConfig):

@@ -110,3 +110,21 @@ def test_sft_config_errors_name_the_problem(
     err = capsys.readouterr().err
     assert "1 of 3 dataset images do not exist" in err and str(tmp_path / "missing.png") in err
     assert not (tmp_path / "c").exists()
+
+
+def test_sft_thyme_example_holds_the_original_gpu_settings() -> None:
+    from thyme.train.sft import parse_config
+
+    gpu_example = EXAMPLE.with_name("sft_thyme.yaml")
+    # use_cpu only lets TrainingArguments accept bf16 on this GPU-less machine.
+    config, model_config = parse_config([str(gpu_example), "--override", "use_cpu=true"])
+    global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * 8
+    assert (config.learning_rate, config.num_train_epochs, config.warmup_ratio, global_batch) == (1e-5, 3, 0.05, 128)
+    assert (config.max_length, config.max_pixels, config.freeze_vision_tower) == (10240, 3211264, True)
+    assert config.last_round_only and config.mask_sandbox_output and config.use_system_prompt
+    assert config.bf16 and model_config.dtype == "bfloat16"
+    stage2, _ = parse_config(
+        [str(gpu_example), "--override", "use_cpu=true", "--override", "learning_rate=1e-6"]
+        + ["--override", "use_system_prompt=false"]
+    )
+    assert stage2.learning_rate == 1e-6 and not stage2.use_system_prompt
