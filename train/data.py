@@ -8,7 +8,9 @@ Two input shapes are accepted (thyme-reference.md section 4):
 - **plain**: ``image``, ``question``, ``answer``; the official system prompt and user template are applied.
 
 Both become rows with TRL's conversational ``prompt`` (string contents; TRL inserts the image block itself), an
-``image`` column holding the ABSOLUTE image path, and ``question`` / ``solution`` for the rewards. The rollout
+``image`` column holding the ABSOLUTE image path, ``question`` / ``solution`` for the rewards, and
+``prompt_question``: the question as the user turn shows it (options included), which the rollout loop renders into
+the official user template with the sandbox's image path. The rollout
 rewrites the user turn's ``User Image Path`` line to the path the sandbox gives the model, because released data
 points at the authors' machine (README section 2.3, issue #7). Every image path is
 checked before training starts, and one error lists all the missing ones.
@@ -32,6 +34,8 @@ from thyme.prompts import SYSTEM_PROMPT, user_prompt, user_text_item
 logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".json", ".jsonl")
+# Where the official user template starts after the question (thyme.prompts.user_prompt).
+_TEMPLATE_TAIL = "\n\n### User Image Path:**"
 # How many missing paths the error names before it only counts the rest.
 MAX_LISTED_MISSING = 20
 
@@ -109,12 +113,13 @@ def to_trl_row(row: dict[str, Any], where: str, root: Path | None) -> dict[str, 
         if user is None:
             raise ConfigError(f"{where}: 'messages' has no user message")
         user_text = user_text_item(user)
-        question = str(row.get("question") or user_text.strip())
+        prompt_question = user_text.split(_TEMPLATE_TAIL, 1)[0].strip()
+        question = str(row.get("question") or prompt_question)
         solution = row.get("solution")
     else:
         if "question" not in row:
             raise ConfigError(f"{where}: expected Thyme-RL 'messages' or a plain row with 'question'")
-        question = str(row["question"])
+        question = prompt_question = str(row["question"])
         system, user_text = SYSTEM_PROMPT, ""
         solution = row.get("answer", row.get("solution"))
     if solution is None:
@@ -124,11 +129,13 @@ def to_trl_row(row: dict[str, Any], where: str, root: Path | None) -> dict[str, 
         "prompt": [{"role": "system", "content": system}, {"role": "user", "content": prompt_text}],
         "image": image,
         "question": question,
+        "prompt_question": prompt_question,
         "solution": str(solution),
     }
 
 
 def _size_or_none(image: str) -> tuple[int | None, int | None]:
+    """The original size for the displayed prompt, from the header only (the rollout validates the full file)."""
     try:
         with Image.open(image) as img:
             return img.size
@@ -162,7 +169,7 @@ def load_rl_dataset(source: str | Path, *, split: str = "train", image_root: str
         image_root: the folder relative image paths are resolved against (default: the data file's folder).
 
     Returns:
-        `datasets.Dataset`: columns ``prompt``, ``image``, ``question``, ``solution``.
+        `datasets.Dataset`: columns ``prompt``, ``image``, ``question``, ``prompt_question``, ``solution``.
 
     Raises:
         ConfigError: a row is malformed (its number is named) or images are missing (all are listed).

@@ -217,14 +217,16 @@ def make_accuracy_reward(judge: Judge | None = None) -> RewardFunc:
 
     def accuracy_reward(completions: Sequence, solution: Sequence[str], **kwargs: Any) -> list[float | None]:
         questions = _column(kwargs, "question", len(completions))
+        # The question as shown to the model carries the options the letter refers to (a raw question may not).
+        shown = _column(kwargs, "prompt_question", len(completions))
         scores: list[float | None] = []
-        for completion, sol, question in zip(completions, solution, questions, strict=True):
+        for completion, sol, question, options in zip(completions, solution, questions, shown, strict=True):
             answer = extract_answer(completion_text(completion))
             if not answer:
                 scores.append(0.0)
                 continue
             reference = reference_answer(sol)
-            if rule_match(answer, reference, question):
+            if rule_match(answer, reference, options or question):
                 scores.append(1.0)
             elif judge is not None:
                 prompt = CORRECTNESS_PROMPT.format(question=question, reference=reference, answer=answer)

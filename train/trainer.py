@@ -191,7 +191,7 @@ class ThymeGRPOTrainer(GRPOTrainer):
             width, height = read_image_size(image)
             requests.append(
                 RolloutRequest(
-                    question=str(row.get("prompt_question") or row["question"]),
+                    question=str(row["prompt_question"]),
                     image_path=image,
                     width=width,
                     height=height,

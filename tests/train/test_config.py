@@ -1,0 +1,37 @@
+"""ThymeGRPOConfig: the original's defaults and the checks that stop a bad run before it starts."""
+
+from __future__ import annotations
+
+import pytest
+from thyme.train.config import ThymeGRPOConfig
+
+from thyme.errors import ConfigError
+
+
+def _config(**overrides) -> ThymeGRPOConfig:
+    return ThymeGRPOConfig(output_dir="/tmp/thyme-config-test", use_cpu=True, report_to="none", **overrides)
+
+
+def test_defaults_are_the_original_rl_settings():
+    cfg = _config()
+    assert (cfg.num_generations, cfg.learning_rate, cfg.beta) == (4, 5e-7, 0.01)
+    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty) == (1.0, 0.9, 50, 1.05)
+    assert (cfg.max_generation_calls, cfg.max_new_tokens_per_call, cfg.max_pixels) == (5, 3196, 2408448)
+    assert (cfg.accuracy_weight, cfg.consistency_weight, cfg.format_weight) == (1.0, 0.5, 0.5)
+    assert cfg.ats is True and cfg.judge_base_url is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"temperature": 0.7}, r"temperature \(0.7\) must be 1.0"),
+        ({"max_pixels": 100, "min_pixels": 3136}, r"max_pixels \(100\) < min_pixels \(3136\)"),
+        ({"max_generation_calls": 0}, r"max_generation_calls \(0\) must be >= 1"),
+        ({"max_sandbox_error_rate": 1.5}, r"max_sandbox_error_rate \(1.5\) must be within \[0, 1\]"),
+        ({"format_weight": -1.0}, "reward weights"),
+        ({"use_vllm": True}, "use_vllm is not wired"),
+    ],
+)
+def test_invalid_settings_fail_with_the_value_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _config(**overrides)
