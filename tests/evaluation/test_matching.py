@@ -33,6 +33,7 @@ PLATE_OPTIONS = {
         ("After zooming in, the best option is D", "D"),
         ("`A`", "A"),
         ("### E", "E"),
+        ("<think>Easy.</think>\n<answer>B", "B"),  # a direct reply cut before </answer>
     ],
 )
 def test_match_option_reads_real_answer_styles(prediction: str, letter: str) -> None:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from thyme.evaluation.datasets import EvalItem
 
-# Markdown and wrappers models put around an answer: **C**, `C`, ### C, "C".
-_DECORATION = re.compile(r"[*`#\"“”]+")
+# Markdown, quotes and markup models put around an answer: **C**, `C`, ### C, "C", and XML-style tags left in a
+# reply that was never closed (a direct reply cut at max_new_tokens: "<think>...</think> <answer>C").
+_DECORATION = re.compile(r"</?[A-Za-z_]+>|[*`#\"“”]+")
 # Lead-ins such as "Answer: C", "The answer is (C)", "Option C".
 _LEAD_IN = re.compile(
     r"^(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)(?:\s+is)?\s*[:：]?\s*", re.IGNORECASE
