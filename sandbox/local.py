@@ -83,7 +83,7 @@ class Sandbox:
 
     def _start_worker(self) -> WorkerProcess:
         worker = WorkerProcess(self.limits, str(self.root))
-        self.isolation = {"network": worker.network, "user": worker.user}
+        self.isolation = worker.isolation
         return worker
 
     def session(self, image: ImagePath | None = None, *, images: Sequence[ImagePath] | None = None,

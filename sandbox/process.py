@@ -66,9 +66,9 @@ class WorkerProcess:
         except (ExecutionTimedOut, WorkerDied) as exc:
             self.kill()
             raise WorkerCrashed(f"a sandbox worker failed to start: {exc}") from exc
-        self.pid: int = hello["pid"]
-        self.network: str = hello["network"]
-        self.user: str = hello["user"]
+        self.pid: int = int(hello["pid"])
+        self.uid: int = int(hello["uid"])
+        self.isolation: dict[str, str] = {key: str(hello[key]) for key in ("network", "files", "user")}
 
     @property
     def alive(self) -> bool:

@@ -22,8 +22,6 @@ logger = logging.getLogger(__name__)
 OPEN_TIMEOUT_S = 30.0
 """Time a worker may take to build a session's namespace and read the input headers."""
 
-NOBODY_UID = 65534
-
 
 class Session:
     """A conversation: code blocks run one after another in the same worker, so variables and imports persist.
@@ -49,13 +47,11 @@ class Session:
         self._lock = threading.Lock()
         self._closed = False
         self._dir = Path(tempfile.mkdtemp(prefix="session-", dir=root))
-        self._dir.chmod(0o711)  # our own temp dir: the worker (nobody) may pass through, not list
+        self._dir.chmod(0o711)  # our own temp dir: the worker (another uid) may pass through, not list
         self._inputs = self._copy_inputs(originals)
         self.input_paths: list[str] = list(self._inputs.values())
         self.scratch_dir = self._dir / "scratch"
         self.scratch_dir.mkdir(mode=0o700)
-        if os.geteuid() == 0:
-            os.chown(self.scratch_dir, NOBODY_UID, NOBODY_UID)
         self._worker: WorkerProcess | None = None
         self._input_error: str | None = None
         try:
@@ -78,6 +74,10 @@ class Session:
 
     def _start_worker(self) -> None:
         worker = self._acquire()
+        if os.geteuid() == 0 and worker.uid != 0:
+            os.chown(self.scratch_dir, worker.uid, worker.uid)  # the scratch dir belongs to this worker alone
+            for path in self.scratch_dir.rglob("*"):  # files of a previous (killed) worker of this session
+                os.chown(path, worker.uid, worker.uid, follow_symlinks=False)
         try:
             reply = worker.request(
                 {"op": "open", "scratch_dir": str(self.scratch_dir), "inputs": list(self._inputs.items()),

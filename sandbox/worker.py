@@ -1,16 +1,17 @@
 """The worker process: started warm by the pool, then serves one session and is thrown away.
 
-Run as ``python -I -m thyme.sandbox.worker LIMITS_JSON``. Start-up, in order:
+Run as ``python -I -m thyme.sandbox.worker LIMITS_JSON`` with the sandbox's dir as cwd. Start-up, in order:
 
 1. keep the protocol pipes (stdin/stdout) on private fds and point fds 0-2 at /dev/null, so that C code printing
    to stdout cannot corrupt the protocol;
-2. cut the network with a new network namespace (``unshare``): as root directly, otherwise inside a new user
-   namespace where the kernel allows it; report what held;
-3. import cv2, numpy and PIL (the warm part, ~0.5 s that a session no longer waits for);
-4. as root, drop to the ``nobody`` user, so the file-system permissions (and RLIMIT_NPROC) bind the code;
-5. apply the rlimits: address space, file size, open files, no new processes, no core files;
-6. announce ``ready`` and serve JSON-line requests: ``open`` (chdir to the scratch dir, build the namespace) and
-   ``run`` (one code block; the CPU rlimit is re-armed for each).
+2. enter new network and mount namespaces (``unshare``): as root directly, otherwise inside a new user namespace
+   where the kernel allows it. No interface is up, so no connection can be made; every mount is remounted
+   read-only except the sandbox's own dir (the cwd);
+3. import cv2, numpy, PIL and what the facades use (the warm part, ~0.5 s that a session no longer waits for);
+4. as root, drop to a uid of its own, so file permissions (and RLIMIT_NPROC) bind the code;
+5. apply the rlimits: address space, file size, open files, no new processes or threads, no core files;
+6. announce ``ready`` with what held, and serve JSON-line requests: ``open`` (chdir to the scratch dir, build the
+   namespace) and ``run`` (one code block; the CPU rlimit is re-armed for each).
 """
 
 from __future__ import annotations
@@ -23,24 +24,19 @@ import resource
 import sys
 from typing import Any, BinaryIO
 
+CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
-NOBODY_UID = 65534
-NOBODY_GID = 65534
-
-
-def _cut_network() -> str:
-    """Moves the process into a fresh network namespace (only a down loopback device) and says how."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.unshare(CLONE_NEWNET) == 0:
-        return "network namespace"
-    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
-        return "user+network namespace"
-    return f"not isolated (unshare failed: {os.strerror(ctypes.get_errno())})"
-
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
+_KEPT_MOUNT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+                     "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
+WORKER_UID_BASE = 100_000
+"""As root, a worker runs as uid ``WORKER_UID_BASE + its pid``: no two live workers share a uid, so one session's
+code cannot touch another session's scratch dir, and RLIMIT_NPROC counts only this worker."""
 
 WARM_MODULES = (
-    "cv2", "numpy", "numpy.linalg", "numpy.random", "numpy.fft", "numpy.polynomial", "numpy.ma", "PIL.Image",
+    "cv2", "numpy", "numpy.linalg", "numpy.random", "numpy.fft", "numpy.polynomial", "PIL.Image",
     "PIL.ImageEnhance", "PIL.ImageFilter", "PIL.ImageOps", "PIL.ImageDraw", "PIL.ImageFont", "PIL.ImageStat",
     "PIL.ImageChops", "PIL.ImageColor", "PIL.ImageSequence", "PIL.ImageTransform", "PIL.ExifTags",
     "collections", "datetime", "_strptime", "decimal", "fractions", "itertools", "json", "math", "cmath", "random",
@@ -50,6 +46,49 @@ WARM_MODULES = (
 )
 """Imported before the worker gives up root: afterwards the Python install may be unreadable (a pyenv under
 /root is), and these are what the code reaches. A later lazy import that fails is an ImportError for the code."""
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _unshare() -> tuple[bool, str]:
+    """Enters new network and mount namespaces; says whether the mount namespace is ours and what held."""
+    libc = _libc()
+    if libc.unshare(CLONE_NEWNET | CLONE_NEWNS) == 0:
+        return True, "network namespace (no interface up)"
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS) == 0:
+        return True, "user+network namespace (no interface up)"
+    return False, f"not isolated (unshare failed: {os.strerror(ctypes.get_errno())})"
+
+
+def _read_only_filesystem(writable_dir: str) -> str:
+    """Remounts every file system read-only in this process's private mount namespace, except ``writable_dir``.
+
+    The sandbox's own dir (sessions' scratch dirs and input copies) stays writable through a bind mount; file
+    permissions decide there: input copies are root-owned and 0444, and each scratch dir belongs to one worker.
+    """
+    libc = _libc()
+    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return f"writable (mount propagation: {os.strerror(ctypes.get_errno())})"
+    target = writable_dir.encode()
+    if libc.mount(target, target, None, MS_BIND | MS_REC, None) != 0:
+        return f"writable (bind mount of {writable_dir}: {os.strerror(ctypes.get_errno())})"
+    with open("/proc/self/mountinfo") as mountinfo:
+        mounts = [line.split() for line in mountinfo]
+    failed = []
+    for fields in mounts:
+        point = fields[4].encode().decode("unicode_escape")
+        if point == writable_dir or point.startswith(writable_dir.rstrip("/") + "/"):
+            continue
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for option in fields[5].split(","):
+            flags |= _KEPT_MOUNT_FLAGS.get(option, 0)
+        if libc.mount(None, point.encode(), None, flags, None) != 0:
+            failed.append(point)
+    if failed:
+        return f"read-only except {writable_dir}, but {len(failed)} mount(s) stayed writable: {failed[:5]}"
+    return f"read-only except {writable_dir}"
 
 
 def _warm_imports() -> None:
@@ -66,11 +105,12 @@ def _warm_imports() -> None:
 
 def _drop_privileges() -> str:
     if os.geteuid() != 0:
-        return f"uid {os.geteuid()}"
+        return f"uid {os.geteuid()} (not root: nothing to drop)"
+    uid = WORKER_UID_BASE + os.getpid()
     os.setgroups([])
-    os.setgid(NOBODY_GID)
-    os.setuid(NOBODY_UID)
-    return "nobody (dropped from root)"
+    os.setgid(uid)
+    os.setuid(uid)
+    return f"uid {uid} (dropped from root)"
 
 
 def _apply_limits(limits: Any) -> None:
@@ -82,16 +122,20 @@ def _apply_limits(limits: Any) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def isolate(limits: Any) -> dict[str, str]:
-    """Steps 2-5 of the start-up: no network, warm imports, no root, rlimits. Returns what held, in words.
+def isolate(limits: Any, writable_dir: str) -> dict[str, Any]:
+    """Steps 2-5 of the start-up: no network, read-only files but ``writable_dir``, warm imports, no root, rlimits.
 
-    Tests call this in a bare interpreter to prove the process layer holds without the language policy.
+    Tests call this in a bare interpreter to prove that the process layer holds without the language policy.
+
+    Returns:
+        `dict`: ``network``, ``files`` and ``user`` say in words what held; ``uid`` is the uid the code runs as.
     """
-    network = _cut_network()
+    own_mounts, network = _unshare()
+    files = _read_only_filesystem(writable_dir) if own_mounts else "writable (no mount namespace)"
     _warm_imports()
     user = _drop_privileges()
     _apply_limits(limits)
-    return {"network": network, "user": user}
+    return {"network": network, "files": files, "user": user, "uid": os.getuid()}
 
 
 def _arm_cpu_limit(seconds: int) -> None:
@@ -118,7 +162,7 @@ def main(argv: list[str]) -> int:
     from thyme.sandbox.limits import Limits
 
     limits = Limits(**json.loads(argv[0]))
-    report = isolate(limits)
+    report = isolate(limits, os.getcwd())
     from thyme.sandbox.execution import CodeRunner
     from thyme.sandbox.repair import RepairConfig
 
