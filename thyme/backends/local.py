@@ -1,10 +1,11 @@
 """A local Qwen-VL model through transformers (Qwen2.5-VL, the Thyme weights; also Qwen2-VL and Qwen3-VL).
 
-Every call re-encodes the whole chat, every image included. The original eval loop instead passed its growing
-``DynamicCache`` to each ``generate`` call, and transformers then skips the vision tower for anything after the
-cached prefix, so the model never saw its own crops (thyme-reference.md section 1.8). A full re-prefill costs
-prompt tokens (``benchmarks/agent_prefill.py`` prints how many) but is correct; ``tests/core/test_local_backend.py``
-proves that two different sandbox images change the next-token logits.
+By default every call re-encodes the whole chat, every image included. The original eval loop instead passed its
+growing ``DynamicCache`` to each ``generate`` call, and transformers then skipped the vision tower for anything
+after the cached prefix, so the model never saw its own crops (thyme-reference.md section 1.8). A full re-prefill
+costs prompt tokens (``benchmarks/agent_prefill.py`` prints how many) but is correct;
+``tests/core/test_local_backend.py`` proves that two different sandbox images change the next-token logits.
+``prefix_cache=True`` reuses the common prefix AND encodes the new images (:mod:`thyme.backends.prefix_cache`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from huggingface_hub.errors import HFValidationError
 from transformers import AutoConfig, AutoModelForImageTextToText, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from thyme.backends.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingParams
+from thyme.backends.prefix_cache import PrefixCache
 from thyme.backends.processor import image_factor, load_processor
 from thyme.backends.vision_inputs import iter_image_items, prepare_image
 from thyme.errors import ConfigError, ModelNotFoundError
@@ -43,16 +45,21 @@ class TransformersBackend:
         model: A loaded Qwen-VL ``...ForConditionalGeneration`` in eval mode.
         processor: Its processor (:func:`thyme.backends.processor.load_processor`); its image processor's
             ``size`` holds the default smart-resize bounds.
+        prefix_cache: Reuse the KV cache of the previous call for the common prefix and encode only the new
+            images (:mod:`thyme.backends.prefix_cache`; Qwen2.5-VL). Off by default: a full re-prefill is
+            always correct, and the cache holds memory between calls.
 
     Example:
         >>> backend = TransformersBackend.from_pretrained("Kwai-Keye/Thyme-RL", dtype="bfloat16")  # doctest: +SKIP
         >>> backend.generate(messages, stop=["</code>", "</answer>"], sampling=SamplingParams())  # doctest: +SKIP
     """
 
-    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, *, prefix_cache: bool = False) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        merge_size = int(processor.image_processor.merge_size)
+        self.prefix_cache = PrefixCache(model, merge_size) if prefix_cache else None
         eos = model.generation_config.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos_ids:
@@ -69,6 +76,7 @@ class TransformersBackend:
         attn_implementation: str | None = DEFAULT_ATTN_IMPLEMENTATION,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        prefix_cache: bool = False,
     ) -> TransformersBackend:
         """Loads model and processor from a hub id or a local directory.
 
@@ -80,6 +88,7 @@ class TransformersBackend:
             attn_implementation: ``"sdpa"``, ``"flash_attention_2"``, ``"eager"`` or ``None`` (transformers picks).
             min_pixels: Smallest model-side image area; ``None`` keeps the checkpoint's (3136 for Thyme).
             max_pixels: Largest model-side image area; ``None`` keeps the checkpoint's (12,845,056 for Thyme).
+            prefix_cache: See the class arguments.
 
         Raises:
             ModelNotFoundError: Nothing loadable at ``id_or_path`` (message names it and how to get the weights).
@@ -99,7 +108,7 @@ class TransformersBackend:
         )
         if device != "auto":
             model = model.to(device)
-        return cls(model.eval(), processor)
+        return cls(model.eval(), processor, prefix_cache=prefix_cache)
 
     @property
     def pixel_limits(self) -> tuple[int, int]:
@@ -149,14 +158,17 @@ class TransformersBackend:
         """
         inputs = self.prepare_inputs(messages)
         prompt_length = int(inputs["input_ids"].shape[1])
+        model_inputs, reused = self.prefix_cache.generate_kwargs(inputs) if self.prefix_cache else (dict(inputs), 0)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         output = self.model.generate(
-            **inputs,
+            **model_inputs,
             **self._generation_kwargs(stop, sampling),
             return_dict_in_generate=True,
             output_logits=True,
         )
+        if self.prefix_cache:
+            self.prefix_cache.remember(inputs, output.sequences, output.cache)
         new_ids = output.sequences[0, prompt_length:].tolist()
         logits = torch.stack(output.logits, dim=1)[0].float()  # (new tokens, vocab), raw scores of each step
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new_ids, device=logits.device)[:, None])
@@ -165,7 +177,7 @@ class TransformersBackend:
         return Generation(
             text=text,
             finish_reason=finish_reason,
-            prompt_tokens=prompt_length,
+            prompt_tokens=prompt_length - reused,
             token_ids=new_ids,
             logprobs=logprobs[:, 0].tolist(),
         )
@@ -173,6 +185,8 @@ class TransformersBackend:
     def close(self) -> None:
         """Drops the model so its memory can be freed (the backend is unusable afterwards)."""
         self.model = None
+        if self.prefix_cache:
+            self.prefix_cache.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
