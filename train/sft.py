@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl import ModelConfig, SFTConfig
+from peft import PeftModel
+from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from thyme.errors import ConfigError, ThymeError
 
@@ -289,30 +290,25 @@ def _full_model_checkpoint(folder: str) -> bool:
     return any((Path(folder) / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
 
 
-def make_trainer(**kwargs: Any) -> Any:
-    """Builds TRL's ``SFTTrainer`` with checkpoint resume fixed for Qwen-VL models (arguments as ``SFTTrainer``).
+class ThymeSFTTrainer(SFTTrainer):
+    """TRL's ``SFTTrainer`` with checkpoint resume fixed for Qwen-VL models; nothing else is overridden.
 
     transformers saves Qwen2.5-VL checkpoints in the original key layout (``model.layers.*``, ``visual.*``) but
     ``Trainer._load_from_checkpoint`` loads them with a plain ``load_state_dict`` into the renamed modules
     (``model.language_model.*``, ``model.visual.*``): every key misses, a warning is logged, and training "resumes"
     from the un-restored weights (huggingface/transformers#43701, open for transformers 5.24). The override loads
     full-model checkpoints through ``from_pretrained``, which applies the key conversion; LoRA adapters, DeepSpeed and
-    FSDP checkpoints keep TRL's path (they are not affected).
+    FSDP checkpoints keep the stock path (they are not affected).
     """
-    from peft import PeftModel
-    from trl import SFTTrainer
 
-    class ThymeSFTTrainer(SFTTrainer):
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            model = self.model if model is None else model
-            if isinstance(model, PeftModel) or not _full_model_checkpoint(resume_from_checkpoint):
-                super()._load_from_checkpoint(resume_from_checkpoint, model)
-                return
-            logger.info("loading model weights from %s (with the checkpoint key conversion)", resume_from_checkpoint)
-            saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
-            model.load_state_dict(saved.state_dict(), strict=True)
-
-    return ThymeSFTTrainer(**kwargs)
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        model = self.model if model is None else model
+        if isinstance(model, PeftModel) or not _full_model_checkpoint(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        logger.info("loading model weights from %s (with the checkpoint key conversion)", resume_from_checkpoint)
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
 
 
 def train(config: ThymeSFTConfig, model_config: ModelConfig) -> Path:
@@ -337,7 +333,7 @@ def train(config: ThymeSFTConfig, model_config: ModelConfig) -> Path:
     if config.max_length is not None:
         dataset = collator.drop_overlong(dataset)
     resume = resolve_resume(config)
-    trainer = make_trainer(
+    trainer = ThymeSFTTrainer(
         model=load_model(config, model_config),
         args=config,
         data_collator=collator,
@@ -368,4 +364,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["ThymeSFTConfig", "load_sft_dataset", "main", "parse_config", "train"]
+__all__ = ["ThymeSFTConfig", "ThymeSFTTrainer", "coerce_numbers", "load_sft_dataset", "main", "parse_config", "train"]

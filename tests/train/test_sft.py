@@ -128,3 +128,15 @@ def test_sft_thyme_example_holds_the_original_gpu_settings() -> None:
         + ["--override", "use_system_prompt=false"]
     )
     assert stage2.learning_rate == 1e-6 and not stage2.use_system_prompt
+
+
+def test_resume_hook_signature_matches_the_override() -> None:
+    """ThymeSFTTrainer overrides a private transformers hook; a changed signature must fail here, not mid-run."""
+    import inspect
+
+    from thyme.train.sft import ThymeSFTTrainer
+    from transformers import Trainer
+
+    expected = list(inspect.signature(Trainer._load_from_checkpoint).parameters)
+    assert expected == ["self", "resume_from_checkpoint", "model"]
+    assert list(inspect.signature(ThymeSFTTrainer._load_from_checkpoint).parameters) == expected
