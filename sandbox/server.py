@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -234,7 +235,7 @@ def _add_routes(app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> N
             inputs += [resolve_server_path(p, config.allowed_roots, config.max_pixels) for p in paths]
             entry = registry(request).open([str(p) for p in inputs], item_id=item_id, upload_dir=upload_dir)
         except BaseException:
-            _remove_tree(upload_dir)
+            shutil.rmtree(upload_dir, ignore_errors=True)
             raise
         return SessionInfo(session_id=entry.session_id, input_paths=list(entry.session.input_paths),
                            scratch_dir=str(entry.session.scratch_dir), idle_timeout_s=config.idle_timeout_s,
@@ -272,12 +273,6 @@ def _add_routes(app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> N
     def close_session(request: Request, session_id: str) -> Response:
         registry(request).close(session_id)
         return Response(status_code=204)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def serve(config: ServerConfig, sandbox: SandboxLike | None = None) -> None:

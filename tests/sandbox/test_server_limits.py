@@ -88,3 +88,12 @@ def test_read_token_file(tmp_path: Path) -> None:
         read_token_file(token_file)
     with pytest.raises(InvalidInput, match="cannot read the token file"):
         read_token_file(tmp_path / "absent")
+
+
+def test_import_sandbox_needs_no_server_packages() -> None:
+    import subprocess
+    import sys
+
+    probe = "import sys, thyme.sandbox; print(sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', " \
+            "'uvicorn', 'mcp', 'httpx', 'starlette', 'psutil'}))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
