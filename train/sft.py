@@ -331,7 +331,7 @@ def train(config: ThymeSFTConfig, model_config: ModelConfig) -> Path:
     )
     dataset = load_sft_dataset(config)
     if config.max_length is not None:
-        dataset = collator.drop_overlong(dataset)
+        dataset = collator.drop_overlong(dataset, num_proc=config.dataset_num_proc)
     resume = resolve_resume(config)
     trainer = ThymeSFTTrainer(
         model=load_model(config, model_config),

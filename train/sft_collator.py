@@ -114,18 +114,19 @@ class ThymeSFTCollator:
             visual += image_processor.get_number_of_image_patches(height, width) // merge - 1
         return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + visual
 
-    def drop_overlong(self, dataset: Any) -> Any:
+    def drop_overlong(self, dataset: Any, num_proc: int | None = None) -> Any:
         """Drops rows longer than ``max_length`` (ms-swift's ``truncation_strategy='delete'``), logging how many.
 
         Args:
             dataset (`datasets.Dataset`): SFT rows.
+            num_proc (`int`, *optional*): processes for the length check (a few hundred rows/s each).
 
         Returns:
             `datasets.Dataset`: the rows that fit.
         """
         if self.max_length is None:
             return dataset
-        kept = dataset.filter(lambda row: self.sequence_length(row) <= self.max_length)
+        kept = dataset.filter(lambda row: self.sequence_length(row) <= self.max_length, num_proc=num_proc)
         dropped = len(dataset) - len(kept)
         if dropped:
             logger.warning("dropped %d of %d rows longer than max_length=%d", dropped, len(dataset), self.max_length)

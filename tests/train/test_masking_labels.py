@@ -108,3 +108,15 @@ def test_collator_rejects_sequences_over_max_length(processor, row: dict) -> Non
     assert length == len(_collate(processor, row)[0])
     with pytest.raises(ConfigError, match=rf"has {length} tokens > max_length \(64\)"):
         collator([row])
+
+
+def test_drop_overlong_removes_only_rows_over_max_length(processor, row: dict, caplog) -> None:
+    from datasets import Dataset
+    from thyme.train.sft_collator import ThymeSFTCollator
+
+    long_row = dict(row, question=row["question"].replace("What color", "What color " + "exactly " * 200))
+    short = ThymeSFTCollator(processor).sequence_length(row)
+    collator = ThymeSFTCollator(processor, max_length=short + 10)
+    kept = collator.drop_overlong(Dataset.from_list([row, long_row, row]))
+    assert len(kept) == 2 and all(r["question"] == row["question"] for r in kept)
+    assert "dropped 1 of 3 rows longer than max_length" in caplog.text
