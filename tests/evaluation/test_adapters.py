@@ -56,6 +56,8 @@ def test_vlmevalkit_build_question_matches_the_thyme_mixin() -> None:
     )
     assert build_question({"question": "Is it red?"}, "Y/N", "POPE") == "Is it red? Please answer yes or no."
     assert build_question({"question": "Is it red?"}, "Y/N", "MME") == "Is it red?"
+    assert build_question({"question": "Why?"}, "VQA", "MMVet") == "Why?"
+    assert build_question({"question": "Why?"}, "VQA", "OCRVQA").endswith("short words or phrases if possible.")
     assert build_question({"question": "What?", "hint": "Look left."}, "MCQ", "X").startswith("Hint: Look left.\n")
 
 

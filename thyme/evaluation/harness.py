@@ -243,11 +243,15 @@ def _safe_name(index: str) -> str:
 
 @contextmanager
 def _progress(total: int, initial: int, enabled: bool) -> Iterator[Callable[[], None]]:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if enabled:
+            logger.warning("tqdm is not installed, so no progress bar: pip install 'thyme[eval]'")
+        enabled = False
     if not enabled:
         yield lambda: None
         return
-    from tqdm.auto import tqdm
-
     with tqdm(total=total, initial=initial, unit="q", desc="thyme eval", dynamic_ncols=True) as bar:
         yield lambda: bar.update(1)
 

@@ -44,8 +44,9 @@ VLMEVAL_INSTALL_HINT = (
 )
 # VLMEvalKit dataset type -> our question type.
 _TYPES = {"MCQ": "mcq", "Y/N": "yes_no", "VQA": "vqa"}
-# Datasets whose Thyme prompt leaves the instruction line off (reference 1.2).
-_NO_INSTRUCTION = ("MME", "MMVet")
+# Datasets whose Thyme prompt leaves the instruction line off (reference 1.2): MME (yes/no) and MMVet (short answer).
+_NO_INSTRUCTION_EXACT = "MME"
+_NO_INSTRUCTION_PREFIX = "MMVet"
 
 
 def _present(value: Any) -> bool:
@@ -64,7 +65,7 @@ def build_question(line: Mapping[str, Any], dataset_type: str, dataset: str) -> 
     kind = _TYPES[dataset_type]
     options = {c: str(line[c]) for c in OPTION_LETTERS if c in line and _present(line[c])}
     hint = str(line["hint"]) if "hint" in line and _present(line["hint"]) else None
-    instruction = not any(dataset.startswith(name) for name in _NO_INSTRUCTION)
+    instruction = dataset != _NO_INSTRUCTION_EXACT and not dataset.startswith(_NO_INSTRUCTION_PREFIX)
     return format_by_type(kind, str(line["question"]), options, hint, instruction=instruction)
 
 
