@@ -257,6 +257,15 @@ def readme_example() -> dict:
     return {"text": data["question"], "files": [str(EXAMPLES_DIR / data["image"])]}
 
 
+def scripted_description(script: str | Path) -> str:
+    """The banner of a scripted demo: says plainly that the answers are a recording, whatever the question."""
+    return (
+        f"**Scripted replay** of `{Path(script).name}`: every question gets the recorded model text of the original "
+        "README example (the license plate of the blue car), run through the real loop and sandbox. Start "
+        "`thyme demo` with `--model` or `--endpoint` for a real model."
+    )
+
+
 def build_demo(
     agent_factory: AgentFactory,
     *,
@@ -285,7 +294,7 @@ def build_demo(
         conversation = gr.State(None, delete_callback=delete_conversation)
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Thyme", height=640, group_consecutive_messages=False, buttons=["copy"])
+                chatbot = gr.Chatbot(label="Thyme", height="72vh", group_consecutive_messages=False, buttons=["copy"])
                 chat_input = gr.MultimodalTextbox(
                     file_types=["image"],
                     placeholder="Upload or paste an image, then ask a question about it",
@@ -338,5 +347,6 @@ __all__ = [
     "follow_up_question",
     "readme_example",
     "scripted_agent_factory",
+    "scripted_description",
     "shared_agent_factory",
 ]

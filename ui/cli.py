@@ -60,11 +60,9 @@ def _description(args: argparse.Namespace, script: Path) -> str:
         return f"Model served at `{args.endpoint}`."
     if args.model:
         return f"Model `{args.model}` (transformers)."
-    return (
-        f"**Scripted replay** of `{script.name}`: every question gets the recorded answer of the original README "
-        "example (the license plate of the blue car), run through the real loop and sandbox. Start with "
-        "`--model` or `--endpoint` for a real model."
-    )
+    from thyme.ui.app import scripted_description
+
+    return scripted_description(script)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from thyme.sandbox import Sandbox
-from thyme.ui.app import README_SCRIPT, build_demo, readme_example, scripted_agent_factory
+from thyme.ui.app import README_SCRIPT, build_demo, readme_example, scripted_agent_factory, scripted_description
 
 from tests.fixtures.demo_app import serving
 from thyme.config import AgentConfig
@@ -29,6 +29,7 @@ def scripted_url(ui_sandbox: Sandbox) -> Iterator[str]:
         scripted_agent_factory(README_SCRIPT, ui_sandbox),
         base_config=AgentConfig(max_input_pixels=TEST_MAX_INPUT_PIXELS),
         examples=[readme_example()],
+        description=scripted_description(README_SCRIPT),
     )
     with serving(demo) as url:
         yield url
