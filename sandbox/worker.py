@@ -40,12 +40,16 @@ WARM_MODULES = (
     "PIL.ImageEnhance", "PIL.ImageFilter", "PIL.ImageOps", "PIL.ImageDraw", "PIL.ImageFont", "PIL.ImageStat",
     "PIL.ImageChops", "PIL.ImageColor", "PIL.ImageSequence", "PIL.ImageTransform", "PIL.ExifTags",
     "collections", "datetime", "_strptime", "decimal", "fractions", "itertools", "json", "math", "cmath", "random",
-    "re", "statistics", "time", "string", "uuid", "functools", "_string",
+    "re", "statistics", "time", "string", "uuid", "functools", "_string", "heapq", "bisect", "copy", "copyreg",
+    "operator", "textwrap", "struct", "base64", "hashlib", "zlib", "binascii", "io", "numbers", "enum", "typing",
+    "dataclasses", "abc", "weakref", "contextlib", "locale", "calendar", "pprint", "keyword", "unicodedata",
+    "colorsys", "reprlib", "difflib", "array", "fnmatch", "warnings", "traceback", "linecache", "tokenize",
     "encodings.ascii", "encodings.latin_1", "encodings.utf_16", "encodings.utf_32", "encodings.idna",
-    "thyme.sandbox.execution",
+    "encodings.cp1252", "thyme.sandbox.execution",
 )
 """Imported before the worker gives up root: afterwards the Python install may be unreadable (a pyenv under
-/root is), and these are what the code reaches. A later lazy import that fails is an ImportError for the code."""
+/root is), and the standard library imports some modules lazily (``Counter.most_common`` imports heapq). A lazy
+import that still fails later is an ImportError for the code; docs/sandbox.md says how to avoid it."""
 
 
 def _libc() -> ctypes.CDLL:
@@ -101,7 +105,34 @@ def _warm_imports() -> None:
 
     Image.init()  # loads every image plugin now; PIL would otherwise import them on the first open
     cv2.setNumThreads(1)  # no thread pool: RLIMIT_NPROC=0 forbids new threads as well as processes
+    _exercise_libraries()
 
+
+def _exercise_libraries() -> None:
+    """Runs typical operations once, in memory, so the modules they load lazily are loaded while still readable."""
+    import collections
+    import datetime
+    import io
+
+    import cv2
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
+
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    for extension in (".jpg", ".png", ".bmp", ".webp", ".tiff"):
+        cv2.imdecode(cv2.imencode(extension, pixels)[1], cv2.IMREAD_COLOR)
+    image = Image.fromarray(pixels)
+    for image_format in ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"):
+        buffer = io.BytesIO()
+        image.save(buffer, image_format)
+        Image.open(io.BytesIO(buffer.getvalue())).load()
+    ImageDraw.Draw(image).text((0, 0), "x", font=ImageFont.load_default())
+    ImageOps.autocontrast(ImageEnhance.Contrast(image.filter(ImageFilter.SHARPEN)).enhance(1.5))
+    repr(np.arange(4.0)), np.pad(pixels, 1), np.percentile(pixels, 50), np.histogram(pixels)
+    np.linalg.svd(np.eye(2)), np.random.default_rng(0).random(2), np.unique(pixels), np.isclose(1.0, 1.0)
+    collections.Counter("ab").most_common(1)
+    datetime.datetime.strptime("2024-01-02", "%Y-%m-%d").strftime("%c")
+    f"{1.5:.2f} {10**20:,} {3:e}"
 
 def _drop_privileges() -> str:
     if os.geteuid() != 0:
