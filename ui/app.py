@@ -210,12 +210,14 @@ def make_bot_response(agent_factory: AgentFactory, base_config: AgentConfig) -> 
             turn.view, turn.problem = None, _describe_failure(exc)
             yield conversation.messages(show_reasoning=show_reasoning), conversation, gr.DownloadButton()
             return
-        archive = write_conversation_zip(conversation.trajectories(), conversation.directory() / ZIP_NAME)
-        yield (
-            conversation.messages(show_reasoning=show_reasoning),
-            conversation,
-            gr.DownloadButton(value=str(archive), visible=True),
-        )
+        chat = conversation.messages(show_reasoning=show_reasoning)
+        try:
+            archive = write_conversation_zip(conversation.trajectories(), conversation.directory() / ZIP_NAME)
+        except OSError as exc:  # e.g. an upload Gradio already cleaned up: the answer stands, the zip is skipped
+            logger.warning("demo could not write the trajectory zip: %s", exc)
+            yield chat, conversation, gr.DownloadButton(visible=False)
+            return
+        yield chat, conversation, gr.DownloadButton(value=str(archive), visible=True)
 
     return bot_response
 

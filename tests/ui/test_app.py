@@ -1,0 +1,154 @@
+"""The demo's handlers called directly (no server): settings, follow-ups, failures shown in the chat, real backends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from thyme.ui.app import (
+    NO_IMAGE,
+    README_SCRIPT,
+    Conversation,
+    delete_conversation,
+    follow_up_question,
+    make_add_message,
+    make_bot_response,
+    redraw,
+    shared_agent_factory,
+)
+
+from tests.fixtures.demo_app import free_port
+from thyme.agent import ThymeAgent
+from thyme.backends.openai_compat import OpenAIBackend
+from thyme.backends.scripted import ScriptedBackend
+from thyme.config import AgentConfig
+
+EXAMPLE = json.loads(README_SCRIPT.read_text(encoding="utf-8"))
+DEFAULT_SETTINGS = (5, "greedy", 1.0, 12_845_056, True)
+
+
+class _RecordingFactory:
+    """An agent factory that replays the README example and remembers the configs it was given."""
+
+    def __init__(self, sandbox):
+        self.sandbox = sandbox
+        self.configs: list[AgentConfig] = []
+
+    def __call__(self, config: AgentConfig) -> ThymeAgent:
+        self.configs.append(config)
+        return ThymeAgent(ScriptedBackend(README_SCRIPT), config, sandbox=self.sandbox)
+
+
+class _FailingBackend:
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def generate(self, messages, *, stop, sampling):
+        raise self.error
+
+    def close(self) -> None:
+        pass
+
+
+def _run(factory, conversation, text, image=None, settings=DEFAULT_SETTINGS, base=None):
+    """add_message then bot_response, as the page chains them; returns the final chat."""
+    base = base or AgentConfig()
+    files = [str(image)] if image else []
+    chat, box, conversation = make_add_message(base.max_input_pixels)(
+        {"text": text, "files": files}, conversation, True
+    )
+    assert box.interactive is False  # the input is locked while the answer streams
+    outputs = list(make_bot_response(factory, base)(conversation, *settings))
+    return outputs[-1][0], conversation, outputs
+
+
+def _text(message: gr.ChatMessage) -> str:
+    return message.content if isinstance(message.content, str) else json.dumps(message.content)
+
+
+def test_bot_response_passes_the_settings_panel_to_the_agent(ui_sandbox, example_image):
+    factory = _RecordingFactory(ui_sandbox)
+    conversation = Conversation()
+    chat, conversation, outputs = _run(
+        factory, conversation, "plate?", example_image, (3, "ats", 0.7, 1_003_520, True)
+    )
+    (config,) = factory.configs
+    assert (config.max_generation_calls, config.sampling, config.temperature, config.max_pixels) == (
+        3, "ats", 0.7, 1_003_520,
+    )  # fmt: skip
+    assert config.images_dir.parent == conversation.work_dir  # this tab's folder
+    assert len(outputs) > 3 and chat[-1].content == "### Answer\n\nC. S QT 911"
+    delete_conversation(conversation)
+    assert not conversation.work_dir.exists()
+
+
+def test_bot_response_bad_settings_are_explained_in_the_chat(ui_sandbox, example_image):
+    chat, _, _ = _run(_RecordingFactory(ui_sandbox), None, "plate?", example_image, (1, "ats", 1.0, 12_845_056, True))
+    assert chat[-1].metadata["title"] == "Error"
+    assert "sampling='ats' needs max_generation_calls >= 2" in chat[-1].content
+
+
+def test_bot_response_unreachable_backend_is_explained_and_the_next_question_works(ui_sandbox, example_image):
+    backend = OpenAIBackend(f"http://127.0.0.1:{free_port()}/v1", model="thyme", max_retries=0)
+    chat, conversation, _ = _run(shared_agent_factory(backend, ui_sandbox), None, "plate?", example_image)
+    assert chat[-1].metadata["title"] == "Error"
+    assert chat[-1].content.startswith("The model backend failed:") and "127.0.0.1" in chat[-1].content
+    chat, _, _ = _run(_RecordingFactory(ui_sandbox), conversation, EXAMPLE["question"])
+    assert chat[-1].content == "### Answer\n\nC. S QT 911"
+
+
+def test_bot_response_model_error_is_explained(ui_sandbox, example_image):
+    factory = shared_agent_factory(_FailingBackend(RuntimeError("CUDA out of memory")), ui_sandbox)
+    chat, _, _ = _run(factory, None, "plate?", example_image)
+    assert chat[-1].content == "The model raised an error: RuntimeError: CUDA out of memory"
+
+
+def test_bot_response_without_a_pending_question_changes_nothing(ui_sandbox):
+    conversation = Conversation()
+    chat, _, conversation = make_add_message(10**8)({"text": "hi", "files": []}, conversation, True)
+    assert chat[-1].content == NO_IMAGE
+    outputs = list(make_bot_response(_RecordingFactory(ui_sandbox), AgentConfig())(conversation, *DEFAULT_SETTINGS))
+    assert len(outputs) == 1 and [m.content for m in outputs[0][0]] == [m.content for m in chat]
+
+
+def test_follow_up_question_carries_earlier_answers_until_a_new_image(ui_sandbox, example_image, tmp_path):
+    factory = _RecordingFactory(ui_sandbox)
+    _, conversation, _ = _run(factory, None, "What is the plate number?", example_image)
+    assert follow_up_question(conversation, "Which letter?") == (
+        "Earlier questions about this image and their answers:\n"
+        "Q: What is the plate number?\nA: C. S QT 911\n\n"
+        "Now answer this question:\nWhich letter?"
+    )
+    _run(factory, conversation, "Which letter?")
+    asked = [turn.asked for turn in conversation.turns]
+    assert asked[0] == "What is the plate number?" and asked[1].endswith("Now answer this question:\nWhich letter?")
+    _run(factory, conversation, "And now?", example_image)  # a new upload starts a new subject
+    assert conversation.turns[-1].asked == "And now?"
+
+
+def test_redraw_hides_and_shows_reasoning_of_past_answers(ui_sandbox, example_image):
+    chat, conversation, _ = _run(_RecordingFactory(ui_sandbox), None, "plate?", example_image)
+    hidden = redraw(conversation, False)
+    assert len(hidden) == len(chat) - 2  # the two prose messages
+    assert not any(_text(m).startswith("To determine the plate number") for m in hidden)
+    assert [_text(m) for m in redraw(conversation, True)] == [_text(m) for m in chat]
+
+
+@pytest.mark.slow
+def test_demo_runs_the_tiny_model_through_the_real_path(tiny_model_dir: Path, ui_sandbox, example_image):
+    agent = ThymeAgent.from_pretrained(tiny_model_dir, device="cpu")
+    base = AgentConfig(max_new_tokens=8, max_attempts=1, use_fallback=False)
+    try:
+        settings = (1, "greedy", 1.0, 3136 * 4, True)
+        chat, conversation, _ = _run(shared_agent_factory(agent.backend, ui_sandbox), None, "plate?", example_image,
+                                     settings, base)  # fmt: skip
+    finally:
+        agent.close()
+    (trajectory,) = conversation.trajectories()
+    generation = trajectory.generations[0]
+    assert generation.token_ids and len(generation.token_ids) <= 8  # the tiny model really generated
+    assert chat[0].role == "user" and chat[0].content == {"path": str(example_image)}
+    # Random weights never write an answer tag: the chat says so instead of stopping silently.
+    assert chat[-1].metadata["title"] == "No answer"
