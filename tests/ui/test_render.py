@@ -6,8 +6,18 @@ import json
 from pathlib import Path
 
 import gradio as gr
+import pytest
 from thyme.ui import render
 
+from thyme.loop import (
+    AttemptFinished,
+    AttemptStarted,
+    CodeStarted,
+    Finished,
+    RolloutResult,
+    SandboxFinished,
+    TextGenerated,
+)
 from thyme.protocol import MISSING_ANSWER
 from thyme.trajectory import ModelText, SandboxOutput, Trajectory
 
@@ -82,3 +92,80 @@ def test_render_trajectory_finished_without_answer_says_so():
 
 def test_render_prose_strips_think_tags_only():
     assert render.render_prose("<think>look at <b>x</b></think>\n") == "look at <b>x</b>"
+
+
+def _result(trajectory: Trajectory, answer: str | None, **kwargs) -> RolloutResult:
+    return RolloutResult(
+        answer=answer or MISSING_ANSWER,
+        has_answer=answer is not None,
+        trajectory=trajectory,
+        attempts=[trajectory],
+        stop_reason="answer" if answer else "eos",
+        **kwargs,
+    )
+
+
+def test_turn_view_streams_pending_states_then_the_answer():
+    first, second = EXAMPLE["segments"]
+    trajectory = Trajectory("s", "q", ["/in.jpg"])
+    view = render.TurnView()
+    view.apply(AttemptStarted(1, False, trajectory))
+    assert _titles(view.messages()) == ["The model is writing"]
+    assert view.messages()[-1].metadata["status"] == "pending"
+
+    trajectory.segments.append(ModelText(first))
+    view.apply(TextGenerated(trajectory.segments[-1], 0))
+    view.apply(CodeStarted(EXAMPLE["code"]))
+    assert _titles(view.messages()) == [None, "Running in the sandbox (step 1)"]  # spinner on the code, no other
+
+    output = SandboxOutput(images=[CROP])
+    trajectory.segments.append(output)
+    view.apply(SandboxFinished(EXAMPLE["code"], output))
+    assert _titles(view.messages())[-2:] == ["Sandbox result (step 1)", "The model is writing"]
+
+    trajectory.segments.append(ModelText(second))
+    view.apply(TextGenerated(trajectory.segments[-1], 1))
+    view.apply(AttemptFinished(1, "answer", trajectory))
+    view.apply(Finished(_result(trajectory, "C. S QT 911")))
+    assert view.finished
+    assert _titles(view.messages()) == [None, "Python code (step 1)", "Sandbox result (step 1)", None, None]
+    assert all(m.metadata.get("status") != "pending" for m in view.messages())
+
+
+def test_turn_view_failed_attempt_then_fallback_answer():
+    failed = Trajectory("s", "q", ["/in.jpg"], [ModelText("<think>I keep looking")])
+    fallback = Trajectory("s", "q", ["/in.jpg"], [ModelText("It is the blue car.")])
+    view = render.TurnView()
+    for event in (
+        AttemptStarted(1, False, failed),
+        AttemptFinished(1, "eos", failed),
+        AttemptStarted(0, True, fallback),
+        AttemptFinished(0, "answer", fallback),
+        Finished(_result(fallback, "It is the blue car.", used_fallback=True)),
+    ):
+        view.apply(event)
+    messages = view.messages()
+    assert _titles(messages) == [
+        None, "Attempt 1 ended without an answer", "Asking once more with the plain fallback prompt", None, None,
+    ]  # fmt: skip
+    assert messages[1].content == "the model ended its turn without an <answer>."
+    assert messages[-1].content == "### Answer\n\nIt is the blue car."  # from the result: the reply had no tags
+
+
+def test_turn_view_budget_used_up_says_why_and_that_there_is_no_answer():
+    trajectory = Trajectory("s", "q", ["/in.jpg"], [ModelText("<think>step")])
+    view = render.TurnView()
+    for event in (
+        AttemptStarted(1, False, trajectory),
+        AttemptFinished(1, "budget", trajectory),
+        Finished(_result(trajectory, None)),
+    ):
+        view.apply(event)
+    note, last = view.messages()[-2:]
+    assert "raise 'Max generation calls'" in note.content
+    assert last.content == MISSING_ANSWER and last.metadata["title"] == "No answer"
+
+
+def test_turn_view_rejects_unknown_events():
+    with pytest.raises(TypeError, match="unknown loop event"):
+        render.TurnView().apply(object())
