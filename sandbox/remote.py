@@ -175,15 +175,14 @@ class RemoteSandbox:
 
     def run(self, code: str, image: str | Path | None = None, *, images: Sequence[str | Path] | None = None,
             item_id: str | None = None) -> ExecutionResult:  # fmt: skip
-        """Runs ``code`` once in a fresh session, closed afterwards; the result's images are left on disk.
+        """Runs ``code`` once in a fresh session and closes it.
 
-        The local scratch dir of that session is not deleted, so the returned image paths stay readable.
+        As with a local ``Sandbox.run``, the images are deleted with the session: copy ``result.images`` first if
+        you need them, or use :meth:`session`. (Keeping them would leave one temp folder per call behind in a
+        training loop.)
         """
-        session = self.session(image, images=images, item_id=item_id)
-        try:
+        with self.session(image, images=images, item_id=item_id) as session:
             return session.run(code)
-        finally:
-            session.close(keep_files=True)
 
     def health(self) -> dict[str, Any]:
         """The server's ``/healthz`` answer (sessions open, workers alive)."""
@@ -264,12 +263,8 @@ class RemoteSession:
     def _localise(self, text: str) -> str:
         return text.replace(self.server_scratch_dir.rstrip("/"), str(self.scratch_dir))
 
-    def close(self, *, keep_files: bool = False) -> None:
-        """Closes the session on the server and deletes the local copies. Safe to call twice.
-
-        Args:
-            keep_files (`bool`, defaults to `False`): leave the downloaded images on disk (one-shot runs).
-        """
+    def close(self) -> None:
+        """Closes the session on the server and deletes the local copies. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
@@ -279,8 +274,7 @@ class RemoteSession:
         except (SessionNotFound, SandboxClosed):
             logger.debug("session %s was already gone on the server", self.session_id)
         finally:
-            if not keep_files:
-                shutil.rmtree(self.scratch_dir, ignore_errors=True)
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
 
     def __enter__(self) -> RemoteSession:
         return self

@@ -77,10 +77,11 @@ def test_remote_session_keeps_variables_and_reports_code_errors(remote: RemoteSa
     assert "undefined_name" in failed.error
 
 
-def test_remote_one_shot_run_keeps_the_image(remote: RemoteSandbox, example: dict) -> None:
-    result = remote.run(example["code"], image=str(example["image"]))
-    assert result.ok and _same_pixels(result.images[0], example["crop"])
-    shutil.rmtree(Path(result.images[0]).parent)
+def test_remote_one_shot_run_cleans_up_like_a_local_one(remote: RemoteSandbox, example: dict) -> None:
+    result = remote.run(example["code"], image=str(example["image"]), item_id="17127")
+    assert result.ok and len(result.images) == 1 and Path(result.images[0]).name.startswith("17127_")
+    assert not Path(result.images[0]).parent.exists()  # deleted with the session, as Sandbox.run does
+    assert remote.health()["sessions_open"] == 0
 
 
 def test_closed_remote_session_refuses_runs(remote: RemoteSandbox, example: dict) -> None:
