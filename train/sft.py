@@ -24,12 +24,17 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peft import PeftModel
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from thyme.errors import ConfigError, ThymeError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from peft import PeftConfig
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +194,7 @@ def coerce_numbers(values: dict[str, Any], dataclass_types: Sequence[type]) -> d
     return coerced
 
 
-def load_sft_dataset(config: ThymeSFTConfig):
+def load_sft_dataset(config: ThymeSFTConfig) -> Dataset:
     """Reads the SFT rows, resolves relative image paths and checks that every image exists.
 
     Returns:
@@ -224,7 +229,7 @@ def _absolute(path: str, root: Path | None) -> str:
     return str(candidate.absolute())
 
 
-def load_model(config: ThymeSFTConfig, model_config: ModelConfig) -> Any:
+def load_model(config: ThymeSFTConfig, model_config: ModelConfig) -> PreTrainedModel:
     """Loads the model with ``from_pretrained`` and freezes the vision tower when asked.
 
     Raises:
@@ -251,7 +256,7 @@ def load_model(config: ThymeSFTConfig, model_config: ModelConfig) -> Any:
     return model
 
 
-def peft_config_for(config: ThymeSFTConfig, model_config: ModelConfig):
+def peft_config_for(config: ThymeSFTConfig, model_config: ModelConfig) -> PeftConfig | None:
     """TRL's LoRA config from ``ModelConfig``, kept off the vision tower when that is frozen (Qwen's ViT MLP shares
     the ``gate_proj``/``up_proj``/``down_proj`` names with the language model)."""
     from trl import get_peft_config

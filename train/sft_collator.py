@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -18,6 +18,9 @@ from thyme.train.masking import IGNORE_INDEX, Span, expand_spans, token_mask_fro
 from thyme.train.sft_data import row_to_trajectory
 
 from thyme.errors import ConfigError, ProtocolError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,12 @@ class ThymeSFTCollator:
         return text, spans, images
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Collates rows: one processor call over the batch (right padding), then labels from the trained spans.
+
+        Raises:
+            ProtocolError: a row is not in the Thyme-SFT form.
+            ConfigError: a sequence is longer than ``max_length``.
+        """
         texts, spans, images = [], [], []
         for row in rows:
             text, row_spans, row_images = self.render(row)
@@ -114,7 +123,7 @@ class ThymeSFTCollator:
             visual += image_processor.get_number_of_image_patches(height, width) // merge - 1
         return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + visual
 
-    def drop_overlong(self, dataset: Any, num_proc: int | None = None) -> Any:
+    def drop_overlong(self, dataset: Dataset, num_proc: int | None = None) -> Dataset:
         """Drops rows longer than ``max_length`` (ms-swift's ``truncation_strategy='delete'``), logging how many.
 
         Args:
