@@ -106,6 +106,7 @@ def test_thyme_mode_scores_known_answers_and_keeps_crops(synth_set: Path, tmp_pa
     box = (max(0, x0 - CROP_MARGIN), max(0, y0 - CROP_MARGIN), x0 + CROP_MARGIN, y0 + CROP_MARGIN)
     with Image.open(items[0].image_path) as original, Image.open(crop_path) as crop:
         assert np.array_equal(np.asarray(crop.convert("RGB")), np.asarray(original.convert("RGB").crop(box)))
+    assert (first.stop_reason, first.used_fallback, m.fallback_rate) == ("answer", False, 0.0)
     failing = result.predictions[3]
     assert failing.sandbox_errors == 1 and failing.correct
     error_text = [s for s in failing.trajectory["segments"] if s["type"] == "sandbox_output"][0]["error"]

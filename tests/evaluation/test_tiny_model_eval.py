@@ -26,17 +26,20 @@ def tiny_backend(tiny_model_dir: Path):
 @pytest.mark.parametrize("mode", ["thyme", "direct"])
 def test_tiny_model_runs_through_the_harness(tmp_path: Path, tiny_backend, mode: str) -> None:
     data = generate_synth(tmp_path / "set", n=2, size=256, seed=0)
-    config = AgentConfig(max_new_tokens=8, max_generation_calls=2, max_attempts=1, use_fallback=False, **SMALL_IMAGES)
+    config = AgentConfig(max_new_tokens=8, max_generation_calls=2, max_attempts=1, use_fallback=True, **SMALL_IMAGES)
     result = run_evaluation(
         data, tmp_path / "out", lambda item: tiny_backend, EvalConfig(mode=mode, progress=False), config
     )
     assert result.metrics.total == 2 and result.metrics.failed == 0
     for record in result.predictions:
         # Every call produced 1..8 real token ids and processed a prompt with the image in it.
-        assert 1 <= record.generation_calls <= 2
+        assert 1 <= record.generation_calls <= 3  # two calls of the attempt, then the fallback
         assert 1 <= record.generated_tokens <= 8 * record.generation_calls
+        if mode == "thyme":  # a random model never writes an answer in 8 tokens: the fallback prompt is asked
+            assert record.used_fallback and record.trajectory["metadata"]["fallback"]
         assert record.prompt_tokens > 0
         generations = [s["generation"] for s in record.trajectory["segments"] if s["type"] == "model_text"]
         assert all(g["token_ids"] for g in generations)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["mode"] == mode and saved["metrics"]["avg_generated_tokens"] > 0
+    assert saved["metrics"]["fallback_rate"] == (1.0 if mode == "thyme" else 0.0)

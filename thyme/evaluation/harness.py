@@ -182,6 +182,8 @@ def _answer_thyme(agent: Any, item: EvalItem, image: Path, question: str) -> dic
         "generated_tokens": generated,
         "prompt_tokens": prompt,
         "images": list(result.trajectory.sandbox_images),
+        "stop_reason": result.stop_reason,
+        "used_fallback": result.used_fallback,
         "trajectory": result.trajectory.to_dict(),
     }
 

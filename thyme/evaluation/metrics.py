@@ -42,6 +42,7 @@ class Metrics:
         unmatched: rows whose answer no matching rule could read (a judge model might rescue them).
         failed: rows that could not be answered at all (``Prediction.error`` set).
         code_use_rate: share of rows whose trajectory ran at least one code block.
+        fallback_rate: share of rows answered by the plain fallback prompt (no tools) after the attempts failed.
         avg_generation_calls: generation calls per row.
         sandbox_runs: code blocks run in total.
         sandbox_error_rate: share of sandbox runs that ended in an error (0 when none ran).
@@ -59,6 +60,7 @@ class Metrics:
     unmatched: int = 0
     failed: int = 0
     code_use_rate: float = 0.0
+    fallback_rate: float = 0.0
     avg_generation_calls: float = 0.0
     sandbox_runs: int = 0
     sandbox_error_rate: float = 0.0
@@ -126,6 +128,7 @@ def compute_metrics(predictions: Iterable[Prediction]) -> Metrics:
         unmatched=sum(1 for r in rows if r.prediction is not None and r.extracted is None),
         failed=sum(1 for r in rows if r.error is not None),
         code_use_rate=mean(1.0 if r.code_blocks else 0.0 for r in rows),
+        fallback_rate=mean(1.0 if r.used_fallback else 0.0 for r in rows),
         avg_generation_calls=mean(r.generation_calls for r in rows),
         sandbox_runs=sandbox_runs,
         sandbox_error_rate=sum(r.sandbox_errors for r in rows) / sandbox_runs if sandbox_runs else 0.0,

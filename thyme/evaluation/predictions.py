@@ -39,6 +39,9 @@ class Prediction:
         generated_tokens: new tokens over all generation calls; None when the backend does not report them.
         prompt_tokens: prompt tokens processed over all calls.
         images: sandbox images (crops) in the order they were produced.
+        stop_reason: how the final attempt ended (``answer``, ``eos``, ``budget``...; see :mod:`thyme.loop`), or None
+            in direct mode.
+        used_fallback: whether the answer came from the plain fallback prompt after the tool-loop attempts failed.
         trajectory: the full trajectory as a JSON object (see :mod:`thyme.trajectory`), or the raw text in
             direct mode.
         error: why the row could not be answered (a bad image, a protocol failure), or None.
@@ -61,6 +64,8 @@ class Prediction:
     generated_tokens: int | None = 0
     prompt_tokens: int = 0
     images: list[str] = field(default_factory=list)
+    stop_reason: str | None = None
+    used_fallback: bool = False
     trajectory: Any = None
     error: str | None = None
     elapsed_s: float = 0.0
