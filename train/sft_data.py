@@ -244,16 +244,24 @@ def iter_rows(path: Path) -> Iterator[dict[str, Any]]:
     splits hold hundreds of thousands of base64 images, so nothing is read whole).
 
     Raises:
-        ConfigError: the suffix is none of these, or a JSON line is malformed (its number is named).
+        ConfigError: the suffix is none of these, the file cannot be parsed, or a JSON line is malformed (its number
+            is named).
     """
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise ConfigError(f"{path}: not a readable parquet file ({exc})") from exc
+        for batch in batches:
             yield from batch.to_pylist()
         return
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
         yield from data if isinstance(data, list) else [data]
         return
     if path.suffix != ".jsonl":
@@ -298,22 +306,30 @@ def convert_files(
     image_dir = output.with_name(output.stem + "_images")
     output.parent.mkdir(parents=True, exist_ok=True)
     report = ConversionReport(output)
-    with output.open("w", encoding="utf-8") as sink:
+    # Rows go to a side file renamed into place at the end, so a run stopped by a bad input leaves no half-written
+    # OUTPUT that a re-run would then refuse to overwrite.
+    partial = output.with_name(output.name + ".partial")
+    with partial.open("w", encoding="utf-8") as sink:
         for path in inputs:
-            for index, row in enumerate(iter_rows(path)):
-                if limit is not None and report.rows >= limit:
-                    return report
-                row_id = f"{path.stem}-{index:07d}"
-                try:
-                    local = convert_row(row, image_dir, row_id)
-                except (ImageError, ProtocolError) as exc:
-                    report.skipped.append(f"{path.name} row {index}: {exc}")
-                    logger.info("skipping %s row %d: %s", path.name, index, exc)
-                    continue
-                sink.write(json.dumps(local, ensure_ascii=False) + "\n")
-                report.rows += 1
-                report.images += len(local["image"])
+            _convert_file(path, sink, image_dir, report, limit)
+    partial.replace(output)
     return report
+
+
+def _convert_file(path: Path, sink: Any, image_dir: Path, report: ConversionReport, limit: int | None) -> None:
+    for index, row in enumerate(iter_rows(path)):
+        if limit is not None and report.rows >= limit:
+            return
+        row_id = f"{path.stem}-{index:07d}"
+        try:
+            local = convert_row(row, image_dir, row_id)
+        except (ImageError, ProtocolError) as exc:
+            report.skipped.append(f"{path.name} row {index}: {exc}")
+            logger.info("skipping %s row %d: %s", path.name, index, exc)
+            continue
+        sink.write(json.dumps(local, ensure_ascii=False) + "\n")
+        report.rows += 1
+        report.images += len(local["image"])
 
 
 __all__ = [

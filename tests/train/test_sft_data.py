@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,19 @@ def test_thyme_data_convert_command(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert len((tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()) == 2
     assert main(["data", "convert", str(tmp_path / "missing.parquet"), "-o", str(tmp_path / "x.jsonl")]) == 1
     assert "input file(s) not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.parquet", b"PAR1 but not really", "not a readable parquet file"),
+        ("bad.json", b"{not json", "not valid JSON"),
+        ("bad.jsonl", b'{"image": []}\n{oops\n', "bad.jsonl line 2: not valid JSON"),
+        ("rows.csv", b"a,b\n", "unknown data file type '.csv'"),
+    ],
+)
+def test_convert_files_names_unreadable_inputs(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        convert_files([tmp_path / name], tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()

@@ -23,7 +23,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".parquet, .jsonl or .json files")
     convert.add_argument(
-        "-o", "--output", type=Path, required=True, metavar="OUTPUT", help="JSONL to write (images: OUTPUT_images/)"
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUTPUT",
+        help="JSONL to write (out.jsonl puts its images in out_images/)",
     )
     convert.add_argument("--limit", type=int, metavar="N", help="stop after N rows (a quick look at the data)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
