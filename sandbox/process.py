@@ -68,7 +68,7 @@ class WorkerProcess:
             raise WorkerCrashed(f"a sandbox worker failed to start: {exc}") from exc
         self.pid: int = int(hello["pid"])
         self.uid: int = int(hello["uid"])
-        self.isolation: dict[str, str] = {key: str(hello[key]) for key in ("network", "files", "user")}
+        self.isolation: dict[str, str] = {key: str(hello[key]) for key in ("network", "files", "user", "rlimits")}
 
     @property
     def alive(self) -> bool:

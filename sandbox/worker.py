@@ -144,13 +144,23 @@ def _drop_privileges() -> str:
     return f"uid {uid} (dropped from root)"
 
 
-def _apply_limits(limits: Any) -> None:
+def _apply_limits(limits: Any) -> str:
+    """Sets the rlimits; says which ones the OS refused (macOS has no RLIMIT_AS, for one)."""
     mib = 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb * mib, limits.memory_mb * mib))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_mb * mib, limits.file_size_mb * mib))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    wanted = {
+        "address space": (resource.RLIMIT_AS, limits.memory_mb * mib),
+        "file size": (resource.RLIMIT_FSIZE, limits.file_size_mb * mib),
+        "open files": (resource.RLIMIT_NOFILE, limits.open_files),
+        "processes": (resource.RLIMIT_NPROC, 0),
+        "core files": (resource.RLIMIT_CORE, 0),
+    }
+    refused = []
+    for name, (which, value) in wanted.items():
+        try:
+            resource.setrlimit(which, (value, value))
+        except (ValueError, OSError):
+            refused.append(name)
+    return "all set" if not refused else f"not set: {', '.join(refused)}"
 
 
 def isolate(limits: Any, writable_dir: str) -> dict[str, Any]:
@@ -159,14 +169,15 @@ def isolate(limits: Any, writable_dir: str) -> dict[str, Any]:
     Tests call this in a bare interpreter to prove that the process layer holds without the language policy.
 
     Returns:
-        `dict`: ``network``, ``files`` and ``user`` say in words what held; ``uid`` is the uid the code runs as.
+        `dict`: ``network``, ``files``, ``user`` and ``rlimits`` say in words what held; ``uid`` is the uid the
+        code runs as.
     """
     own_mounts, network = _unshare()
     files = _read_only_filesystem(writable_dir) if own_mounts else "writable (no mount namespace)"
     _warm_imports()
     user = _drop_privileges()
-    _apply_limits(limits)
-    return {"network": network, "files": files, "user": user, "uid": os.getuid()}
+    rlimits = _apply_limits(limits)
+    return {"network": network, "files": files, "user": user, "rlimits": rlimits, "uid": os.getuid()}
 
 
 def _arm_cpu_limit(seconds: int) -> None:

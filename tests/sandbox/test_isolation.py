@@ -89,6 +89,7 @@ def _attack(sandbox_dir: Path, tmp_path: Path) -> None:
     assert report["network"].startswith("network namespace")
     assert report["files"] == f"read-only except {sandbox_dir}"
     assert report["uid"] != 0 and "dropped from root" in report["user"]
+    assert report["rlimits"] == "all set"
     assert out.pop("write_own_dir") == "done"
     for attack, outcome in out.items():
         assert outcome != "done", f"{attack} succeeded in the isolated process"
