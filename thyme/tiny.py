@@ -9,7 +9,9 @@ that looks like a real Qwen2.5-VL checkpoint to transformers:
   a ``Qwen2Tokenizer`` with Qwen2.5's special and added tokens in Qwen's order (ids 0..21 here);
 - the exact Qwen2.5-VL chat template;
 - the real image processor (``Qwen2VLImageProcessor``, saved with small pixel limits so images stay a few tokens);
-- a ~0.2M-parameter ``Qwen2_5_VLForConditionalGeneration`` (sizes from env-findings.md section 2).
+- a ~0.2M-parameter ``Qwen2_5_VLForConditionalGeneration`` (sizes from env-findings.md section 2), or with
+  ``model_type="qwen3_vl"`` a ``Qwen3VLForConditionalGeneration`` of the same size (16-px patches, DeepStack),
+  which checks that the backends are not Qwen2.5-VL-only.
 
 The model's outputs are random; it checks token and image plumbing, not answers.
 """
@@ -21,6 +23,7 @@ import logging
 from importlib import resources
 from pathlib import Path
 
+from thyme.backends.chat_templates import QWEN2_5_VL_CHAT_TEMPLATE
 from thyme.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -59,22 +62,8 @@ TINY_VOCAB_SIZE = 1024
 TINY_MIN_PIXELS = 28 * 28
 TINY_MAX_PIXELS = 256 * 256
 
-# The Qwen2.5-VL-7B-Instruct chat template, byte for byte (the same text as trl/chat_templates/qwen2_5_vl.jinja;
-# a test compares the two). Kept as a constant because the tiny model must not depend on trl being installed.
-QWEN2_5_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}"
-)
-
-# Model sizes: the smallest Qwen2.5-VL that keeps every code path (windowed + full vision attention, GQA, M-RoPE).
+# Model sizes: the smallest Qwen-VL that keeps every code path (windowed + full vision attention, GQA, M-RoPE).
+TINY_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
 _TEXT_CONFIG = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -96,15 +85,32 @@ _VISION_CONFIG = {
     "window_size": 112,
     "fullatt_block_indexes": [1],
 }
+_QWEN3_VL_TEXT_CONFIG = {
+    **_TEXT_CONFIG,
+    "head_dim": 16,
+    "rope_parameters": {**_TEXT_CONFIG["rope_parameters"], "mrope_interleaved": True, "rope_theta": 5_000_000.0},
+}
+_QWEN3_VL_VISION_CONFIG = {
+    **{key: _VISION_CONFIG[key] for key in ("depth", "hidden_size", "intermediate_size", "num_heads")},
+    "out_hidden_size": 64,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "num_position_embeddings": 256,
+    "deepstack_visual_indexes": [0],
+}
 
 
-def build_tiny_model(output_dir: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+def build_tiny_model(
+    output_dir: str | Path, *, seed: int = 0, overwrite: bool = False, model_type: str = "qwen2_5_vl"
+) -> Path:
     """Writes a tiny random Qwen2.5-VL checkpoint (model, tokenizer, image processor, chat template).
 
     Args:
         output_dir: Directory to write into; created if missing.
         seed: Seed of the random weights, so two builds with the same seed are identical.
         overwrite: Allow writing into a non-empty directory (its checkpoint files are replaced).
+        model_type: ``"qwen2_5_vl"`` (Thyme's architecture) or ``"qwen3_vl"``.
 
     Returns:
         The directory, loadable with ``AutoModelForImageTextToText.from_pretrained`` and
@@ -112,15 +118,17 @@ def build_tiny_model(output_dir: str | Path, *, seed: int = 0, overwrite: bool =
 
     Raises:
         ConfigError: ``output_dir`` is a file, or a non-empty directory and ``overwrite`` is false (it could hold
-            real weights).
+            real weights), or ``model_type`` is unknown.
 
     Example:
         >>> from thyme.tiny import build_tiny_model
         >>> path = build_tiny_model("/tmp/thyme-tiny")  # doctest: +SKIP
     """
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
+    if model_type not in TINY_MODEL_TYPES:
+        raise ConfigError(f"unknown tiny model type {model_type!r}: choose one of {', '.join(TINY_MODEL_TYPES)}")
     output = Path(output_dir)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{output} is a file, not a directory: choose a directory for the tiny model")
@@ -129,30 +137,40 @@ def build_tiny_model(output_dir: str | Path, *, seed: int = 0, overwrite: bool =
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     token_id = tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
+    config = _model_config(model_type, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    model.generation_config.eos_token_id = [token_id("<|im_end|>"), token_id("<|endoftext|>")]
+    model.generation_config.pad_token_id = token_id("<|endoftext|>")
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    build_tiny_image_processor(patch_size=config.vision_config.patch_size).save_pretrained(output)
+    logger.info("tiny %s written to %s (%d parameters)", model_type, output, model.num_parameters())
+    return output
+
+
+def _model_config(model_type: str, tokenizer):  # -> transformers.PreTrainedConfig
+    """The tiny model's config, its special-token ids taken from the tokenizer."""
+    from transformers import AutoConfig
+
+    token_id = tokenizer.convert_tokens_to_ids
+    qwen3 = model_type == "qwen3_vl"
+    return AutoConfig.for_model(
+        model_type,
         text_config={
-            **_TEXT_CONFIG,
+            **(_QWEN3_VL_TEXT_CONFIG if qwen3 else _TEXT_CONFIG),
             "vocab_size": len(tokenizer),
             "bos_token_id": token_id("<|endoftext|>"),
             "eos_token_id": token_id("<|im_end|>"),
             "pad_token_id": token_id("<|endoftext|>"),
         },
-        vision_config=_VISION_CONFIG,
+        vision_config=_QWEN3_VL_VISION_CONFIG if qwen3 else _VISION_CONFIG,
         image_token_id=token_id("<|image_pad|>"),
         video_token_id=token_id("<|video_pad|>"),
         vision_start_token_id=token_id("<|vision_start|>"),
         vision_end_token_id=token_id("<|vision_end|>"),
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = [token_id("<|im_end|>"), token_id("<|endoftext|>")]
-    model.generation_config.pad_token_id = token_id("<|endoftext|>")
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    build_tiny_image_processor().save_pretrained(output)
-    logger.info("tiny Qwen2.5-VL written to %s (%d parameters)", output, model.num_parameters())
-    return output
 
 
 def build_tiny_tokenizer():  # -> transformers.Qwen2Tokenizer (annotation left out: transformers is imported lazily)
@@ -192,11 +210,12 @@ def build_tiny_tokenizer():  # -> transformers.Qwen2Tokenizer (annotation left o
     return tokenizer
 
 
-def build_tiny_image_processor():  # -> Qwen2VLImageProcessorPil
-    """The real Qwen2-VL image processor (PIL variant: it needs no torchvision) with small pixel limits."""
+def build_tiny_image_processor(patch_size: int = 14):  # -> Qwen2VLImageProcessorPil
+    """The real Qwen2-VL image processor (PIL variant: it needs no torchvision) with small pixel limits; Qwen3-VL
+    uses the same processor with 16-px patches."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    return Qwen2VLImageProcessorPil(patch_size=patch_size, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
 
 
 def _training_corpus() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from thyme import protocol
 from thyme.backends.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SamplingParams
-from thyme.errors import ModelNotFoundError
+from thyme.errors import ConfigError, ModelNotFoundError
 
 GREEDY = SamplingParams(max_new_tokens=8)
 
@@ -178,3 +179,41 @@ def test_local_backend_directory_without_checkpoint_is_refused(tmp_path: Path) -
 
     with pytest.raises(ModelNotFoundError, match=f"{tmp_path} has no config.json, so it is not a model checkpoint"):
         TransformersBackend.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3-VL shipped with the REAL Qwen3-VL chat template when trl has a copy (it drops assistant images)."""
+    from thyme.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("qwen3") / "tiny", model_type="qwen3_vl")
+    if find_spec("trl") is not None:
+        import trl
+
+        template = Path(trl.__file__).parent / "chat_templates" / "qwen3_vl.jinja"
+        (path / "chat_template.jinja").write_text(template.read_text(encoding="utf-8"), encoding="utf-8")
+    return path
+
+
+def test_local_backend_runs_qwen3_vl_and_keeps_its_sandbox_images(tiny_qwen3_vl_dir: Path, images) -> None:
+    from thyme.backends.local import TransformersBackend
+
+    backend = TransformersBackend.from_pretrained(tiny_qwen3_vl_dir, device="cpu")
+    assert type(backend.model).__name__ == "Qwen3VLForConditionalGeneration"
+    messages = _chat(images[0], images[1])
+    # 64x96 px -> smart-resize with 32-px factor -> 64x96 -> 4x6 patches of 16 px, for both turns' images.
+    assert backend.prepare_inputs(messages)["image_grid_thw"].tolist() == [[1, 4, 6], [1, 4, 6]]
+    other = backend.next_token_logits(_chat(images[0], images[2]))
+    assert (backend.next_token_logits(messages) - other).abs().max().item() > 1e-4
+    generation = backend.generate(messages, stop=[], sampling=GREEDY)
+    assert len(generation.token_ids) == len(generation.logprobs) == 8
+
+
+@pytest.mark.skipif(find_spec("trl") is None, reason="trl ships the reference Qwen3-VL chat template")
+def test_local_backend_refuses_a_template_that_drops_assistant_images(tiny_qwen3_vl_dir: Path, images) -> None:
+    from thyme.backends.local import TransformersBackend
+
+    template = (tiny_qwen3_vl_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    backend = TransformersBackend.from_pretrained(tiny_qwen3_vl_dir, device="cpu", chat_template=template)
+    with pytest.raises(ConfigError, match=r"the chat template rendered 1 image slot\(s\) for 2 image\(s\): it drops"):
+        backend.generate(_chat(images[0], images[1]), stop=[], sampling=GREEDY)

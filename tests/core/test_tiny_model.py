@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from thyme import protocol
+from thyme.backends.chat_templates import QWEN2_5_VL_CHAT_TEMPLATE
 from thyme.commands import tiny_model
 from thyme.errors import ConfigError
-from thyme.tiny import QWEN2_5_VL_CHAT_TEMPLATE, QWEN_ADDED_TOKENS, QWEN_SPECIAL_TOKENS
+from thyme.tiny import QWEN_ADDED_TOKENS, QWEN_SPECIAL_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_tiny_model_command_writes_a_loadable_checkpoint(tmp_path: Path, capsys:
 
     target = tmp_path / "tiny"
     assert _run_command(["tiny-model", str(target)]) == 0
-    assert f"tiny Qwen2.5-VL written to {target}" in capsys.readouterr().out
+    assert f"tiny qwen2_5_vl model written to {target}" in capsys.readouterr().out
     assert AutoConfig.from_pretrained(target).model_type == "qwen2_5_vl"
 
 

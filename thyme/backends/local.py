@@ -77,6 +77,7 @@ class TransformersBackend:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         prefix_cache: bool = False,
+        chat_template: str | None = None,
     ) -> TransformersBackend:
         """Loads model and processor from a hub id or a local directory.
 
@@ -89,6 +90,8 @@ class TransformersBackend:
             min_pixels: Smallest model-side image area; ``None`` keeps the checkpoint's (3136 for Thyme).
             max_pixels: Largest model-side image area; ``None`` keeps the checkpoint's (12,845,056 for Thyme).
             prefix_cache: See the class arguments.
+            chat_template: A chat template replacing the checkpoint's (see
+                :func:`~thyme.backends.processor.load_processor`; Qwen3-VL gets one that keeps assistant images).
 
         Raises:
             ModelNotFoundError: Nothing loadable at ``id_or_path`` (message names it and how to get the weights).
@@ -99,7 +102,7 @@ class TransformersBackend:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(dtype, str) and dtype != "auto":
             dtype = _torch_dtype(dtype)
-        processor = load_processor(source, min_pixels=min_pixels, max_pixels=max_pixels)
+        processor = load_processor(source, min_pixels=min_pixels, max_pixels=max_pixels, chat_template=chat_template)
         model = AutoModelForImageTextToText.from_pretrained(
             source,
             dtype=dtype,
@@ -139,7 +142,16 @@ class TransformersBackend:
             # Images were already resized with their own bounds; widen the processor's bounds so it keeps them.
             areas = [image.width * image.height for image in images]
             kwargs["size"] = {"shortest_edge": min(min_pixels, *areas), "longest_edge": max(max_pixels, *areas)}
-        inputs = self.processor(text=[self.render(messages)], images=images or None, return_tensors="pt", **kwargs)
+        prompt = self.render(messages)
+        slots = prompt.count(self.processor.image_token)
+        if slots != len(images):
+            # Silently dropping an image is the defect Thyme exists to avoid (reference 1.8): refuse instead.
+            raise ConfigError(
+                f"the chat template rendered {slots} image slot(s) for {len(images)} image(s): it drops images "
+                "(some templates ignore images in assistant messages); pass a template that keeps them, e.g. "
+                "chat_template=thyme.backends.chat_templates.QWEN2_5_VL_CHAT_TEMPLATE"
+            )
+        inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt", **kwargs)
         return inputs.to(self.model.device)
 
     @torch.inference_mode()

@@ -20,6 +20,7 @@ from typing import Any
 from transformers import AutoProcessor, ProcessorMixin, Qwen2_5_VLProcessor, Qwen3VLProcessor
 from transformers.utils import is_torchvision_available
 
+from thyme.backends.chat_templates import QWEN2_5_VL_CHAT_TEMPLATE
 from thyme.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def load_processor(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     *,
+    chat_template: str | None = None,
     use_stock: bool | None = None,
 ) -> ProcessorMixin:
     """Loads the processor of a Qwen-VL checkpoint (local directory or hub id).
@@ -82,6 +84,9 @@ def load_processor(
         min_pixels: Smallest image area the processor resizes to (smart-resize rules); ``None`` keeps the
             checkpoint's own setting (3136 for the released Qwen2.5-VL/Thyme weights).
         max_pixels: Largest image area; ``None`` keeps the checkpoint's setting (12,845,056 for Thyme).
+        chat_template: A Jinja chat template replacing the checkpoint's. By default the checkpoint's is kept, except
+            for Qwen3-VL, whose template drops images from assistant messages (where Thyme puts the sandbox crops):
+            it gets the Qwen2.5-VL template (:mod:`thyme.backends.chat_templates`).
         use_stock: Force (``True``) or forbid (``False``) the stock ``AutoProcessor``; by default it is used exactly
             when torchvision is importable.
 
@@ -97,10 +102,10 @@ def load_processor(
         >>> processor = load_processor("Kwai-Keye/Thyme-RL", max_pixels=2_408_448)  # doctest: +SKIP
     """
     stock = is_torchvision_available() if use_stock is None else use_stock
+    model_type = _read_model_type(path_or_id)
     if stock:
         processor = AutoProcessor.from_pretrained(str(path_or_id))
     else:
-        model_type = _read_model_type(path_or_id)
         cls = _IMAGE_ONLY_CLASSES.get(model_type)
         if cls is None:
             raise ConfigError(
@@ -109,6 +114,12 @@ def load_processor(
             )
         logger.debug("torchvision unavailable: loading %s for %s", cls.__name__, path_or_id)
         processor = cls.from_pretrained(str(path_or_id))
+    if chat_template is None and model_type in _QWEN3_FAMILY:
+        logger.info("%s: using the Qwen2.5-VL chat template, which keeps images in assistant messages", path_or_id)
+        chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    if chat_template is not None:
+        processor.chat_template = chat_template
+        processor.tokenizer.chat_template = chat_template
     set_pixel_limits(processor, min_pixels, max_pixels)
     return processor
 

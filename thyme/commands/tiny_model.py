@@ -19,6 +19,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("output_dir", type=Path, metavar="DIR", help="directory to write (must be empty or new)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing its files")
+    parser.add_argument(
+        "--model-type", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl", help="architecture (qwen2_5_vl)"
+    )
     parser.set_defaults(handler=run_tiny_model)
 
 
@@ -26,7 +29,7 @@ def run_tiny_model(args: argparse.Namespace) -> int:
     """Builds the checkpoint and prints where it is and how to use it."""
     from thyme.tiny import build_tiny_model
 
-    path = build_tiny_model(args.output_dir, seed=args.seed, overwrite=args.overwrite)
-    print(f"tiny Qwen2.5-VL written to {path}")
+    path = build_tiny_model(args.output_dir, seed=args.seed, overwrite=args.overwrite, model_type=args.model_type)
+    print(f"tiny {args.model_type} model written to {path}")
     print(f"try: thyme answer IMAGE QUESTION --model {path}")
     return 0
