@@ -120,3 +120,42 @@ def test_drop_overlong_removes_only_rows_over_max_length(processor, row: dict, c
     kept = collator.drop_overlong(Dataset.from_list([row, long_row, row]))
     assert len(kept) == 2 and all(r["question"] == row["question"] for r in kept)
     assert "dropped 1 of 3 rows longer than max_length" in caplog.text
+
+
+def test_readme_example_converted_from_released_form_trains_code_and_answer(processor, tmp_path: Path) -> None:
+    """The original README trajectory (17127.jpg, its real crop), as a released row with base64 images and the
+    authors' path, goes through `convert_files` and the collator: the local path reaches the prompt and the code,
+    the 2496x1392 photo and its 220x128 crop are both in the batch, and only model text is trained."""
+    import base64
+    from importlib import resources
+
+    from thyme.train.sft_collator import ThymeSFTCollator
+    from thyme.train.sft_data import convert_files
+
+    from thyme.prompts import user_prompt
+    from thyme.protocol import IMAGE_PLACEHOLDER, SANDBOX_OUTPUT_CLOSE, SANDBOX_OUTPUT_OPEN
+
+    examples = resources.files("thyme").joinpath("data", "examples")
+    example = json.loads(examples.joinpath("readme_17127.json").read_text(encoding="utf-8"))
+    photo = examples.joinpath(example["image"]).read_bytes()
+    crop = (Path(__file__).resolve().parents[1] / "data" / "17127_ebd8fd46.jpg").read_bytes()
+    first, second = example["segments"]
+    released = {
+        "image": [base64.b64encode(photo).decode(), base64.b64encode(crop).decode()],
+        "question": user_prompt(example["question"], "/mllm_hdd/yfzhang/data/eval/17127.jpg", 2496, 1392),
+        "response": first + SANDBOX_OUTPUT_OPEN + IMAGE_PLACEHOLDER + SANDBOX_OUTPUT_CLOSE + second,
+    }
+    (tmp_path / "released.jsonl").write_text(json.dumps(released) + "\n", encoding="utf-8")
+    convert_files([tmp_path / "released.jsonl"], tmp_path / "sft.jsonl")
+    row = json.loads((tmp_path / "sft.jsonl").read_text(encoding="utf-8"))
+    local = row["image"][0]
+    assert Path(local).read_bytes() == photo and f'image_path = "{local}"' in row["response"]
+
+    batch = ThymeSFTCollator(processor)([row])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert batch["image_grid_thw"].shape[0] == 2
+    runs = _runs(processor, ids, [label != IGNORE_INDEX for label in labels])
+    rewritten_first = first.replace("/eval/17127.jpg", local)
+    assert len(runs) == 2
+    _assert_run_is(runs[0], rewritten_first)
+    _assert_run_is(runs[1], second + "<|im_end|>")
