@@ -95,6 +95,31 @@ def detect_images(stdout: str, processed_path: str | None, processed_is_str: boo
     return images, None
 
 
+def check_saved_images(paths: list[str], max_pixels: int) -> str | None:
+    """Reads the header of each image the code saved, here in the parent, before anyone decodes it.
+
+    The facades refuse to save oversized images, but code can also write raw bytes (``open(p, "wb")``); a
+    decompression bomb or a non-image named ``.png`` must not reach the model's image loader.
+
+    Returns:
+        `str` or `None`: what is wrong with the first bad file (without the ``Sandbox for`` prefix).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        name = os.path.basename(path)
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except Image.DecompressionBombError:
+            return f"The saved image '{name}' has more pixels than the limit of {max_pixels}."
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            return f"The saved file '{name}' is not a readable image ({exc})."
+        if width * height > max_pixels:
+            return f"The saved image '{name}' is {width}x{height}, more pixels than the limit of {max_pixels}."
+    return None
+
+
 def _inside(printed: str, scratch: str) -> str | None:
     alias = OUTPUT_ALIAS.rstrip("/")
     if printed == alias or printed.startswith(OUTPUT_ALIAS):

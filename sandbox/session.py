@@ -15,7 +15,7 @@ from thyme.sandbox.errors import InvalidInput, SandboxClosed
 from thyme.sandbox.limits import Limits
 from thyme.sandbox.process import ExecutionTimedOut, WorkerDied, WorkerProcess
 from thyme.sandbox.repair import RepairConfig
-from thyme.sandbox.result import ExecutionResult, detect_images
+from thyme.sandbox.result import ExecutionResult, check_saved_images, detect_images
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class Session:
                 return self._failed(f"{reply['error']}{lost}", stdout, repairs)
             images, problem = detect_images(stdout, reply.get("processed_path"),
                                             bool(reply.get("processed_path_is_str")), str(self.scratch_dir))
+            problem = problem or check_saved_images(images, self._limits.max_pixels)
             if problem is not None:
                 return self._failed(problem, stdout, repairs)
             return ExecutionResult(ok=True, stdout=stdout, images=images, repairs=repairs)

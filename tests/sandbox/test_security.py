@@ -221,6 +221,24 @@ def test_input_image_cannot_be_modified(shared, code: str) -> None:
     assert os.stat(original).st_mode & 0o222, "the caller's file must not be chmod-ed"
 
 
+def test_raw_bytes_bomb_or_fake_image_is_not_returned_as_image(shared) -> None:
+    import io
+
+    from PIL import Image
+
+    bomb = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(bomb, "PNG")  # 25 MP, a few KB: over the 4 MP limit of this sandbox
+    session, _ = shared
+    code = (f"open('/mnt/data/temp_processed_images/bomb.png', 'wb').write({bomb.getvalue()!r})\n"
+            "print('/mnt/data/temp_processed_images/bomb.png')")
+    result = session.run(code)
+    assert result.images == [] and not result.ok
+    assert "'bomb.png' is 5000x5000, more pixels than the limit of 4000000" in result.error
+    fake = session.run("open('/mnt/data/temp_processed_images/f.png', 'w').write('no')\n"
+                       "print('/mnt/data/temp_processed_images/f.png')")
+    assert fake.images == [] and "is not a readable image" in fake.error
+
+
 def test_printed_paths_outside_session_are_not_images(shared, tmp_path: Path) -> None:
     from PIL import Image
 
