@@ -46,7 +46,9 @@ PROBLEM_TITLE = "Error"
 THINKING_TITLE = "The model is writing"
 THINKING_TEXT = "Waiting for the backend to return the next piece of the reasoning."
 RETRY_TITLE = "Attempt {attempt} ended without an answer"
+FALLBACK_FAILED_TITLE = "The fallback prompt got no answer either"
 FALLBACK_TITLE = "Asking once more with the plain fallback prompt"
+FALLBACK_TEXT = "No attempt ended with an answer, so the model is asked once more to answer directly, without code."
 # Why an attempt ended without an answer, in the user's words (the loop's STOP_* reasons).
 STOP_REASON_TEXT = {
     STOP_EOS: "the model ended its turn without an <answer>.",
@@ -205,7 +207,7 @@ class TurnView:
         last = len(self.attempts) - 1
         for index, (trajectory, reason) in enumerate(zip(self.attempts, self.stop_reasons, strict=True)):
             if self.fallback[index]:
-                messages.append(gr.ChatMessage(content=FALLBACK_TITLE, metadata={"title": FALLBACK_TITLE}))
+                messages.append(gr.ChatMessage(content=FALLBACK_TEXT, metadata={"title": FALLBACK_TITLE}))
             is_current = index == last
             messages.extend(
                 render_trajectory(
@@ -213,7 +215,7 @@ class TurnView:
                 )
             )
             if reason in STOP_REASON_TEXT:
-                title = RETRY_TITLE.format(attempt=index + 1)
+                title = FALLBACK_FAILED_TITLE if self.fallback[index] else RETRY_TITLE.format(attempt=index + 1)
                 messages.append(
                     gr.ChatMessage(content=STOP_REASON_TEXT[reason], metadata={"title": title, "status": _DONE})
                 )

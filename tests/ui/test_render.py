@@ -166,6 +166,23 @@ def test_turn_view_budget_used_up_says_why_and_that_there_is_no_answer():
     assert last.content == MISSING_ANSWER and last.metadata["title"] == "No answer"
 
 
+def test_turn_view_every_attempt_and_the_fallback_failed():
+    attempts = [Trajectory("s", "q", ["/in.jpg"], [ModelText(f"<think>try {n}")]) for n in (1, 2, 3)]
+    view = render.TurnView()
+    for number, trajectory in enumerate(attempts, start=1):
+        fallback = number == 3
+        view.apply(AttemptStarted(0 if fallback else number, fallback, trajectory))
+        view.apply(AttemptFinished(0 if fallback else number, "budget" if number < 3 else "empty", trajectory))
+    view.apply(Finished(_result(attempts[-1], None, used_fallback=True)))
+    assert [t for t in _titles(view.messages()) if t] == [
+        "Attempt 1 ended without an answer",
+        "Attempt 2 ended without an answer",
+        "Asking once more with the plain fallback prompt",
+        "The fallback prompt got no answer either",
+        "No answer",
+    ]
+
+
 def test_turn_view_rejects_unknown_events():
     with pytest.raises(TypeError, match="unknown loop event"):
         render.TurnView().apply(object())
