@@ -32,12 +32,11 @@ def _tiny_model(model_dir: str | None) -> Path:
 
 
 def _run(batch: int, workers: int, model, processor, sandbox, script: Path, image: str, question: str) -> tuple:
-    from thyme.train.policy import PolicyBackend
-    from thyme.train.rollout import BatchStats, RolloutImagesDir, run_batch
-
     from thyme.backends.scripted import ScriptedBackend
     from thyme.config import AgentConfig
     from thyme.loop import RolloutRequest
+    from thyme.train.policy import PolicyBackend
+    from thyme.train.rollout import BatchStats, RolloutImagesDir, run_batch
 
     config = AgentConfig(sampling="ats", max_attempts=1, use_fallback=False, max_new_tokens=1024)
     lock = threading.Lock()
@@ -69,10 +68,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from thyme.sandbox import Sandbox
     from transformers import AutoModelForImageTextToText
 
     from thyme.backends.processor import load_processor
+    from thyme.sandbox import Sandbox
 
     torch.set_num_threads(args.threads)
     model_dir = _tiny_model(args.model_dir)

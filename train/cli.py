@@ -90,9 +90,10 @@ def parse_config(argv: Sequence[str] | None):
     Raises:
         ConfigError: unknown keys (all named), a missing model or data file, or an invalid value.
     """
-    from thyme.train.config import ThymeGRPOConfig
     from transformers import HfArgumentParser
     from trl import ModelConfig
+
+    from thyme.train.config import ThymeGRPOConfig
 
     args = make_parser().parse_args(argv)
     values = read_config_values(args.config, args.override)
@@ -132,9 +133,10 @@ def _resume_path(config) -> str | None:
 
 def train(data_args: RLDataArguments, config, model_config) -> Path:
     """Loads data and model, trains, saves the final model and processor to ``output_dir``; returns it."""
+    from trl import get_peft_config
+
     from thyme.train.data import load_rl_dataset
     from thyme.train.trainer import ThymeGRPOTrainer
-    from trl import get_peft_config
 
     dataset = load_rl_dataset(data_args.train_file, split=data_args.train_split, image_root=data_args.image_root)
     resume = _resume_path(config)

@@ -90,17 +90,19 @@ class ThymeGRPOConfig(GRPOConfig):
     max_pixels: int = field(
         default=ORIGINAL_RL_MAX_PIXELS, metadata={"help": "Largest image area the model sees (original RL: 2408448)."}
     )
-    max_images_per_sample: int = field(
-        default=10, metadata={"help": "Images (input + sandbox) one trajectory may carry (original: 10)."}
-    )
 
     # Sandbox.
     sandbox_timeout_s: float = field(default=10.0, metadata={"help": "Wall-clock limit of one code block."})
     sandbox_url: str | None = field(
         default=None, metadata={"help": "URL of a remote sandbox pool (thyme sandbox-serve); None = local workers."}
     )
+    sandbox_token: str | None = field(default=None, metadata={"help": "Bearer token of the remote sandbox pool."})
     sandbox_workers: int = field(
-        default=4, metadata={"help": "Rollouts of one batch run at once: their sandbox calls overlap generation."}
+        default=4,
+        metadata={
+            "help": "Rollouts of one batch run at once (their sandbox calls overlap generation); also the number of "
+            "warm local sandbox workers."
+        },
     )
     max_sandbox_error_rate: float = field(
         default=0.5,
@@ -160,8 +162,6 @@ class ThymeGRPOConfig(GRPOConfig):
             raise ConfigError("sandbox_error_window and sandbox_error_min_blocks must be >= 1")
         if self.sandbox_timeout_s <= 0 or self.sandbox_workers < 1:
             raise ConfigError("sandbox_timeout_s must be > 0 and sandbox_workers >= 1")
-        if self.max_images_per_sample < 1:
-            raise ConfigError(f"max_images_per_sample ({self.max_images_per_sample}) must be >= 1")
         if min(self.accuracy_weight, self.consistency_weight, self.format_weight) < 0:
             raise ConfigError("reward weights (accuracy_weight, consistency_weight, format_weight) must be >= 0")
         if self.judge_max_tries < 1:

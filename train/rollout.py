@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from thyme.sandbox.errors import SandboxError
-from thyme.train.policy import PolicyBackend, TrajectoryTokens
-
 from thyme.backends.base import FINISH_LENGTH
 from thyme.config import AgentConfig
 from thyme.errors import ThymeError
 from thyme.loop import STOP_ANSWER, STOP_BUDGET, STOP_REPETITION, Finished, RolloutRequest, new_trajectory, run_rollout
+from thyme.sandbox.errors import SandboxError
+from thyme.train.policy import PolicyBackend, TrajectoryTokens
 from thyme.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)

@@ -28,6 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from thyme.backends.processor import load_processor, set_pixel_limits
+from thyme.backends.scripted import ScriptedBackend, load_script
+from thyme.config import AgentConfig
+from thyme.errors import ConfigError
+from thyme.images import read_image_size
+from thyme.loop import RolloutRequest
 from thyme.train.config import ThymeGRPOConfig
 from thyme.train.policy import PolicyBackend
 from thyme.train.rewards import Judge, make_thyme_rewards, thyme_reward_weights
@@ -38,15 +47,6 @@ from thyme.train.rollout import (
     SandboxHealth,
     run_batch,
 )
-from trl import GRPOTrainer
-from trl.models import unwrap_model_for_generation
-
-from thyme.backends.processor import load_processor, set_pixel_limits
-from thyme.backends.scripted import ScriptedBackend, load_script
-from thyme.config import AgentConfig
-from thyme.errors import ConfigError
-from thyme.images import read_image_size
-from thyme.loop import RolloutRequest
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +154,11 @@ class ThymeGRPOTrainer(GRPOTrainer):
         if self._sandbox is None:
             from thyme.sandbox import Sandbox
 
-            if self.args.sandbox_url:
-                self._sandbox = Sandbox(url=self.args.sandbox_url)
+            args: ThymeGRPOConfig = self.args
+            if args.sandbox_url:
+                self._sandbox = Sandbox(args.sandbox_timeout_s, url=args.sandbox_url, token=args.sandbox_token)
             else:
-                self._sandbox = Sandbox(timeout=self.args.sandbox_timeout_s)
+                self._sandbox = Sandbox(args.sandbox_timeout_s, pool_size=args.sandbox_workers)
         return self._sandbox
 
     def close(self) -> None:

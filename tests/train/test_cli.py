@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from thyme.train import cli
 
 EXAMPLES = Path(cli.__file__).parent / "examples"
@@ -81,9 +82,10 @@ def test_thyme_train_sft_is_routed_to_the_sft_entry_point(monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny_cpu.yaml", "thyme_rl_gpu.yaml"])
 def test_shipped_configs_use_only_known_keys(name):
-    from thyme.train.config import ThymeGRPOConfig
     from transformers import HfArgumentParser
     from trl import ModelConfig
+
+    from thyme.train.config import ThymeGRPOConfig
 
     keys = set(yaml.safe_load((EXAMPLES / name).read_text(encoding="utf-8")))
     parser = HfArgumentParser((cli.RLDataArguments, ThymeGRPOConfig, ModelConfig))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from thyme.train.config import ThymeGRPOConfig
 
 from thyme.errors import ConfigError
+from thyme.train.config import ThymeGRPOConfig
 
 
 def _config(**overrides) -> ThymeGRPOConfig:

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from thyme.train.data import check_images, load_rl_dataset, read_rows, to_trl_row
 
 from thyme.errors import ConfigError
 from thyme.prompts import SYSTEM_PROMPT
+from thyme.train.data import check_images, load_rl_dataset, read_rows, to_trl_row
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 import torch
-from thyme.train.policy import PolicyBackend
 
 from thyme.backends.base import SamplingParams
 from thyme.errors import BackendError
+from thyme.train.policy import PolicyBackend
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,26 @@ def test_policy_backend_cut_drops_an_image_split_by_the_completion_cap(tiny, rea
     assert processor.tokenizer.decode(tokens.completion_ids[3:]) == "<sandbox_output>"
     assert len(tokens.completion_ids) == len(tokens.tool_mask) == len(tokens.logprobs) < 10
     assert len(tokens.images) == 1 and tokens.image_spans == []
+
+
+@pytest.mark.parametrize("ats", [True, False])
+def test_trainer_backend_samples_code_too_when_ats_is_off(tiny, readme_image, ats):
+    from types import SimpleNamespace
+    from unittest.mock import Mock
+
+    from thyme.config import AgentConfig
+    from thyme.train.trainer import ThymeGRPOTrainer
+
+    model, processor = tiny
+    trainer = Mock(spec=ThymeGRPOTrainer)
+    trainer.args = SimpleNamespace(ats=ats, max_completion_length=64)
+    trainer.loop_config = AgentConfig(sampling="ats", max_new_tokens=6)
+    trainer._script, trainer.processing_class, trainer._model_lock = None, processor, threading.Lock()
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)  # what the loop asks for inside <code>
+    reference = PolicyBackend(model, processor, lock=threading.Lock()).generate(
+        _messages(readme_image), stop=[], sampling=greedy
+    )
+    torch.manual_seed(0)
+    backend = ThymeGRPOTrainer._backend(trainer, model)
+    got = backend.generate(_messages(readme_image), stop=[], sampling=greedy)
+    assert (got.token_ids == reference.token_ids) is ats

@@ -4,6 +4,7 @@ and the combined weights acc + 0.5*acc*consistency + 0.5*format."""
 from __future__ import annotations
 
 import pytest
+
 from thyme.train.rewards import (
     Judge,
     format_ok,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+
+from thyme.errors import BackendError
 from thyme.train.rollout import (
     STOP_FAILED,
     BatchStats,
@@ -13,8 +15,6 @@ from thyme.train.rollout import (
     SandboxHealth,
     run_batch,
 )
-
-from thyme.errors import BackendError
 from thyme.trajectory import SandboxOutput, Trajectory
 
 pytestmark = pytest.mark.slow
@@ -64,10 +64,9 @@ def _requests(readme_example, readme_image, images_dir, count):
 
 
 def test_run_batch_keeps_a_failure_to_its_sample(tiny, sandbox, readme_example, readme_image, readme_script):
-    from thyme.train.policy import PolicyBackend
-
     from thyme.backends.scripted import ScriptedBackend
     from thyme.config import AgentConfig
+    from thyme.train.policy import PolicyBackend
 
     model, processor = tiny
     lock = threading.Lock()
