@@ -157,3 +157,14 @@ def test_folder_loads_every_file_with_prefixed_indices(tmp_path: Path) -> None:
     for name in ("vstar", "hr"):
         (tmp_path / f"{name}.jsonl").write_text(json.dumps({"image": "x.jpg", "question": "q", "answer": "a"}) + "\n")
     assert [i.index for i in load_dataset(tmp_path)] == ["hr/0", "vstar/0"]
+
+
+def test_tsv_written_by_pandas_keeps_quotes_and_newlines(tmp_path: Path) -> None:
+    pandas = pytest.importorskip("pandas")
+    question = 'What does the "EXIT" sign say?\nLook closely.'
+    frame = pandas.DataFrame(
+        [{"index": 5, "image": _b64_image((9, 9, 9)), "question": question, "A": 'say "hi"', "B": "no", "answer": "A"}]
+    )
+    frame.to_csv(tmp_path / "d.tsv", sep="\t", index=False)  # how VLMEvalKit writes its TSVs
+    (item,) = load_dataset(tmp_path / "d.tsv")
+    assert (item.index, item.question, item.options) == ("5", question, {"A": 'say "hi"', "B": "no"})

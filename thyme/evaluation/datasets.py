@@ -160,7 +160,8 @@ def _load_tsv(path: Path) -> list[EvalItem]:
     # Embedded 8K images are tens of MB per cell, far beyond csv's default 128 KB field limit.
     csv.field_size_limit(sys.maxsize)
     with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        # pandas (which writes VLMEvalKit's TSVs) quotes cells holding tabs, quotes or newlines: parse its quoting.
+        reader = csv.DictReader(handle, delimiter="\t")
         columns = reader.fieldnames or []
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if "image" not in columns and "image_path" not in columns:
@@ -170,9 +171,10 @@ def _load_tsv(path: Path) -> list[EvalItem]:
                 f"{path}: missing column(s) {', '.join(missing)}; a VLMEvalKit TSV needs index, image (base64) or "
                 f"image_path, question, answer (found: {', '.join(columns) or 'no header'})"
             )
-        rows = list(reader)
-    by_index = {row["index"]: row for row in rows}
-    return [_tsv_item(path, number, row, by_index) for number, row in enumerate(rows, start=2)]
+        # line_num is the file line where a row ends (a quoted cell may span lines): what an editor shows.
+        numbered = [(reader.line_num, row) for row in reader]
+    by_index = {row["index"]: row for _, row in numbered}
+    return [_tsv_item(path, line, row, by_index) for line, row in numbered]
 
 
 def _tsv_item(path: Path, line: int, row: dict[str, str | None], by_index: dict[str, dict]) -> EvalItem:
