@@ -49,3 +49,23 @@ def test_eval_flag_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert "has no entry for row '0'; add one or use --limit" in capsys.readouterr().err
     assert main(["bench", "synth", "--out", str(tmp_path), "--n", "1", "--size", "64"]) == 1
     assert "size (64) must be at least 256" in capsys.readouterr().err
+
+
+def test_bench_compare_prints_the_delta_per_category(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "synth", "--out", str(tmp_path / "set"), "--n", "4", "--size", "256"]) == 0
+    data = tmp_path / "set" / "synth.jsonl"
+    items = load_dataset(data)
+    right = {item.index: [f"<answer>{item.answer}</answer>"] for item in items}
+    half = {i.index: [f"<answer>{i.answer if n % 2 else 'x'}</answer>"] for n, i in enumerate(items)}
+    for name, script in (("direct", half), ("thyme", right)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(script))
+        argv = ["eval", "--data", str(data), "--scripted", str(tmp_path / f"{name}.json"), "--mode", name]
+        assert main([*argv, "--out", str(tmp_path / name), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "compare", str(tmp_path / "direct"), str(tmp_path / "thyme")]) == 0
+    table = capsys.readouterr().out
+    assert "| accuracy (%) | direct (direct) | thyme (thyme) | Δ |" in table
+    assert "| overall | 50.0 | 100.0 | +50.0 |" in table
+    assert "| color | 0.0 | 100.0 | +100.0 |" in table and "| position | 100.0 | 100.0 | +0.0 |" in table
+    assert main(["bench", "compare", str(tmp_path / "nothing"), str(tmp_path / "thyme")]) == 1
+    assert "pass the --out folder of a finished `thyme eval` run" in capsys.readouterr().err

@@ -74,6 +74,15 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--size", type=int, default=4096, metavar="PX", help="image width in pixels (4096)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (0)")
     synth.set_defaults(handler=run_synth)
+    compare = actions.add_parser(
+        "compare",
+        help="accuracy of two `thyme eval` runs side by side, with the difference in points",
+        description="Prints a markdown table: overall and per-category accuracy of BASE and NEW and NEW - BASE "
+        "(e.g. BASE a --mode direct run, NEW the --mode thyme run of the same model and data).",
+    )
+    compare.add_argument("base", type=Path, metavar="BASE", help="--out folder of the baseline run")
+    compare.add_argument("new", type=Path, metavar="NEW", help="--out folder of the run to compare")
+    compare.set_defaults(handler=run_compare)
 
 
 def _load_scripts(path: Path) -> dict[str, list[str]]:
@@ -188,4 +197,12 @@ def run_synth(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     print(f"wrote {args.n} rows to {path}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Prints the comparison table of two runs."""
+    from thyme.evaluation.report import compare_runs
+
+    print(compare_runs(args.base, args.new), end="")
     return 0

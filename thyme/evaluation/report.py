@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from thyme.errors import ProtocolError
+from thyme.errors import ConfigError, ProtocolError
 from thyme.evaluation.metrics import CategoryScore, Metrics
 from thyme.evaluation.predictions import Prediction
 from thyme.trajectory import Answer, Code, Prose, SandboxOutput, Trajectory
@@ -156,3 +156,41 @@ def write_report(
     path = out_dir / REPORT_FILE
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
+
+
+def _load_results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RESULTS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path} ({exc}): pass the --out folder of a finished `thyme eval` run") from exc
+
+
+def compare_runs(base_dir: Path, new_dir: Path) -> str:
+    """A markdown table of accuracy per category and overall for two runs, with the difference in points.
+
+    This is how a tool-use gain is reported: ``--mode direct`` as the base, ``--mode thyme`` as the new run, both
+    from the same harness. Categories present in only one run show ``-`` for the other.
+
+    Raises:
+        ConfigError: a folder has no readable ``results.json``.
+    """
+    base, new = _load_results(base_dir), _load_results(new_dir)
+    rows = [("overall", base["metrics"]["accuracy"], new["metrics"]["accuracy"])]
+    names = sorted(set(base["metrics"]["categories"]) | set(new["metrics"]["categories"]))
+    for name in names:
+        b, n = base["metrics"]["categories"].get(name), new["metrics"]["categories"].get(name)
+        rows.append((name, b["accuracy"] if b else None, n["accuracy"] if n else None))
+    lines = [
+        f"| accuracy (%) | {base.get('mode')} ({base_dir.name}) | {new.get('mode')} ({new_dir.name}) | Δ |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, b, n in rows:
+        delta = f"{100 * (n - b):+.1f}" if b is not None and n is not None else "-"
+        lines.append(
+            f"| {name} | {_percent(b) if b is not None else '-'} | {_percent(n) if n is not None else '-'} | {delta} |"
+        )
+    tools = new["metrics"]
+    lines += ["", f"{new_dir.name}: code used in {_percent(tools['code_use_rate'])} % of answers, "
+              f"{tools['avg_generation_calls']:.2f} generation calls per answer."]  # fmt: skip
+    return "\n".join(lines) + "\n"
