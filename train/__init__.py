@@ -12,11 +12,14 @@ _EXPORTS = {
     "ThymeGRPOConfig": "thyme.train.config",
     "ThymeGRPOTrainer": "thyme.train.trainer",
     "PolicyBackend": "thyme.train.policy",
+    "SandboxErrorRateError": "thyme.train.rollout",
     "load_rl_dataset": "thyme.train.data",
-    "make_thyme_rewards": "thyme.train.rewards",
-    "accuracy_reward": "thyme.train.rewards",
-    "format_reward": "thyme.train.rewards",
     "Judge": "thyme.train.rewards",
+    "format_reward": "thyme.train.rewards",
+    "make_accuracy_reward": "thyme.train.rewards",
+    "make_consistency_reward": "thyme.train.rewards",
+    "make_thyme_rewards": "thyme.train.rewards",
+    "thyme_reward_weights": "thyme.train.rewards",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -206,8 +206,9 @@ class PolicyBackend:
         inputs = self._model_inputs()
         options = {"do_sample": False}
         if not sampling.greedy:
+            # Every knob explicit (top_k 0 = off): a checkpoint's generation_config must not add its own.
             options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                       "top_k": sampling.top_k or None}  # fmt: skip
+                       "top_k": sampling.top_k}  # fmt: skip
         with self._lock, torch.no_grad():
             out = self._model.generate(
                 **inputs,

@@ -75,11 +75,6 @@ class RolloutSample:
         generations = self.trajectory.generations if self.trajectory is not None else []
         return self.stop_reason != STOP_ANSWER and bool(generations) and generations[-1].finish_reason == FINISH_LENGTH
 
-    @property
-    def text(self) -> str:
-        """The assistant message as the rewards read it (sandbox outputs included, images left out)."""
-        return self.trajectory.text if self.trajectory is not None and self.error is None else ""
-
 
 class _TimedSession:
     """A sandbox session that adds the wall time of each ``run`` to its owner's counter."""

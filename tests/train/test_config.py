@@ -35,3 +35,12 @@ def test_defaults_are_the_original_rl_settings():
 def test_invalid_settings_fail_with_the_value_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         _config(**overrides)
+
+
+def test_public_names_of_thyme_train_resolve():
+    import thyme.train
+
+    for name in thyme.train.__all__:
+        assert getattr(thyme.train, name) is not None, name
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        thyme.train.nope  # noqa: B018

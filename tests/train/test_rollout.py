@@ -89,7 +89,6 @@ def test_run_batch_keeps_a_failure_to_its_sample(tiny, sandbox, readme_example, 
     assert readme_example["question"] in prompt and f'Path:** "{readme_image}"' in prompt
     assert prompt.count("<|image_pad|>") == samples[0].tokens.prompt_ids.count(processor.image_token_id)
     assert len(failed.tokens.images) == 1
-    assert failed.text == ""
     stats = BatchStats.of(samples)
     assert stats.failed == pytest.approx(1 / 3) and stats.answered == pytest.approx(2 / 3)
     assert stats.code_blocks_per_trajectory == pytest.approx(2 / 3) and stats.sandbox_error_rate == 0.0
