@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import cv2
+
 from thyme.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parents[1]

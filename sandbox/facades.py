@@ -27,23 +27,28 @@ CV2_CONFINED_READS = ("imread", "imreadmulti")
 CV2_CONFINED_WRITES = ("imwrite",)
 # Substrings of cv2 names that open files, devices, windows or URLs; refused unless confined above.
 CV2_REFUSED_WORDS = ("read", "write", "load", "save", "video", "capture", "cascade", "storage", "file", "window",
-                     "mesh", "pointcloud", "config", "samples")
+                     "mesh", "pointcloud", "config", "samples", "dnn", "dump", "facedetectoryn")
 NUMPY_REFUSED = frozenset({"fromfile", "memmap", "fromregex", "DataSource", "tofile", "ctypeslib", "f2py", "testing",
                            "lib", "show_config", "show_runtime", "info"})
 # Not numpy.ma (ma.dump/ma.load pickle to and from files) nor numpy.rec (rec.fromfile).
 NUMPY_SUBMODULES = frozenset({"linalg", "random", "fft", "polynomial", "emath", "char", "strings"})
 PIL_SUBMODULES = frozenset({"Image", "ImageEnhance", "ImageFilter", "ImageOps", "ImageDraw", "ImageFont", "ImageStat",
                             "ImageChops", "ImageColor", "ImageSequence", "ImageTransform", "ExifTags"})
-# Methods of library objects (and classes) that touch files or spawn viewers, by the library that defines them;
-# PIL's Image.save is confined instead (policy.py).
-REFUSED_METHODS = {
-    "numpy": frozenset({"tofile", "dump"}),
-    "PIL": frozenset({"show"}),
-    "cv2": frozenset({"save", "load", "read", "write", "open", "writeComment"}),
-}
+# Methods of library classes that touch files or spawn viewers, by the library whose class defines them; PIL's
+# Image.save is confined instead (policy.py). For cv2 any method name containing one of the words is refused
+# (Algorithm.save, FileStorage.write, dnn_Net.dumpToFile, HOGDescriptor.load, ...).
+REFUSED_METHODS = {"numpy": frozenset({"tofile", "dump"}), "PIL": frozenset({"show"})}
+CV2_REFUSED_METHOD_WORDS = ("file", "dump", "save", "write", "load", "read", "open")
 STRING_NAMES = ("ascii_letters", "ascii_lowercase", "ascii_uppercase", "digits", "hexdigits", "octdigits",
                 "punctuation", "printable", "whitespace", "capwords")
 UUID_NAMES = ("uuid4", "uuid3", "uuid5", "UUID", "NAMESPACE_DNS", "NAMESPACE_URL", "NAMESPACE_OID", "NAMESPACE_X500")
+
+
+def is_refused_method(library: str, name: str) -> bool:
+    """Whether attribute ``name`` of a class from ``library`` (a top-level package name) is refused."""
+    if library == "cv2":
+        return any(word in name.lower() for word in CV2_REFUSED_METHOD_WORDS)
+    return name in REFUSED_METHODS.get(library, ())
 
 
 class PathPolicy:

@@ -77,6 +77,7 @@ class Sandbox:
         root.chmod(0o711)
         self.root = root
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._kept_dirs: list[Path] = []
         self._closed = False
         self._pool = WorkerPool(self._start_worker, pool_size)
         self.isolation: dict[str, str] = {}
@@ -105,10 +106,14 @@ class Sandbox:
 
     def run(self, code: str, image: ImagePath | None = None, *, images: Sequence[ImagePath] | None = None,
             item_id: str | None = None) -> ExecutionResult:
-        """One-shot: runs ``code`` in a fresh session and closes it. The images are deleted with the session, so
-        copy ``result.images`` somewhere if you need them (or use :meth:`session`)."""
-        with self.session(image, images=images, item_id=item_id) as session:
+        """One-shot: runs ``code`` in a fresh session and stops its worker. ``result.images`` stay on disk until the
+        Sandbox closes."""
+        session = self.session(image, images=images, item_id=item_id)
+        try:
             return session.run(code)
+        finally:
+            session.close(keep_files=True)
+            self._kept_dirs.append(session.directory)
 
     def wait_ready(self, timeout_s: float = 120.0) -> bool:
         """Blocks until the warm workers are started; returns whether they are."""
@@ -121,6 +126,8 @@ class Sandbox:
         self._closed = True
         for session in list(self._sessions):
             session.close()
+        for directory in self._kept_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
         self._pool.close()
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)

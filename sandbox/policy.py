@@ -28,8 +28,9 @@ from RestrictedPython import compile_restricted_exec, limited_builtins, safe_bui
 from RestrictedPython.Eval import default_guarded_getitem, default_guarded_getiter
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
+
 from thyme.sandbox.errors import PolicyViolation
-from thyme.sandbox.facades import REFUSED_METHODS, ModuleFacade, PathPolicy
+from thyme.sandbox.facades import ModuleFacade, PathPolicy, is_refused_method
 
 ALLOWED_IMPORTS = frozenset({"cv2", "numpy", "PIL", "math", "cmath", "random", "re", "json", "collections",
                              "itertools", "functools", "statistics", "fractions", "decimal", "datetime", "time",
@@ -147,20 +148,31 @@ def make_getattr(paths: PathPolicy) -> Callable[..., Any]:
             return default
 
     def _guarded(obj: Any, name: str) -> Any:
-        if isinstance(obj, str) and isinstance(name, str) and name in ("format", "format_map"):
-            formatter = _SafeFormatter()
-            if name == "format":
-                return lambda *args, **kwargs: formatter.vformat(obj, args, kwargs)
-            return lambda mapping: formatter.vformat(obj, (), mapping)
-        if isinstance(obj, Image.Image) and name == "save":
+        if name in ("format", "format_map") and (isinstance(obj, str) or obj is str):
+            return _safe_format(obj, name)
+        if name == "save" and isinstance(obj, Image.Image):
             return _confined_save(paths, obj)
-        if isinstance(obj, type) and issubclass(obj, Image.Image) and name == "save":
+        if name == "save" and isinstance(obj, type) and issubclass(obj, Image.Image):
             return lambda image, *args, **kwargs: _confined_save(paths, image)(*args, **kwargs)
-        if name in REFUSED_METHODS.get(_library_of(obj), ()):
-            raise PolicyViolation(f"{type(obj).__name__}.{name} is not available in the sandbox")
+        library = _defining_library(obj, name) if isinstance(name, str) else ""
+        if is_refused_method(library, name) or (library == "PIL" and name == "save"):
+            # the last case: `super().save(...)` in a subclass of PIL's Image, which the branches above miss
+            raise PolicyViolation(f"{_describe(obj)}.{name} is not available in the sandbox")
         return guarded_getattr(obj, name)
 
     return getattr_
+
+
+def _safe_format(obj: Any, name: str) -> Callable[..., str]:
+    """``str.format``/``format_map`` (bound, or unbound from the ``str`` class) through :class:`_SafeFormatter`."""
+    formatter = _SafeFormatter()
+    if obj is str:
+        if name == "format":
+            return lambda template, *args, **kwargs: formatter.vformat(template, args, kwargs)
+        return lambda template, mapping: formatter.vformat(template, (), mapping)
+    if name == "format":
+        return lambda *args, **kwargs: formatter.vformat(obj, args, kwargs)
+    return lambda mapping: formatter.vformat(obj, (), mapping)
 
 
 def guarded_getattr(obj: Any, name: str) -> Any:
@@ -173,7 +185,7 @@ def guarded_getattr(obj: Any, name: str) -> Any:
         raise TypeError("attribute name must be a string")
     if name.startswith("_") or name in INSPECT_ATTRIBUTES:
         raise PolicyViolation(f"attribute {name!r} is not available in the sandbox")
-    if isinstance(obj, str) and name in ("format", "format_map"):
+    if name in ("format", "format_map") and (isinstance(obj, str) or (isinstance(obj, type) and issubclass(obj, str))):
         raise PolicyViolation("str.format is only available on a string directly")
     value = getattr(obj, name)
     if isinstance(value, ModuleType):
@@ -181,10 +193,23 @@ def guarded_getattr(obj: Any, name: str) -> Any:
     return value
 
 
-def _library_of(obj: Any) -> str:
-    """The top-level package that defines ``obj``'s class (or ``obj`` itself, for a class)."""
-    owner = obj if isinstance(obj, type) else type(obj)
-    return (getattr(owner, "__module__", None) or "").split(".")[0]
+def _defining_library(obj: Any, name: str) -> str:
+    """The top-level package of the class that defines attribute ``name`` as ``obj`` would find it.
+
+    Walks the MRO (of ``obj``'s class, of ``obj`` if it is a class, or past ``__thisclass__`` for ``super()``), so a
+    sandbox-defined subclass of ``np.ndarray`` does not launder the inherited ``tofile``.
+    """
+    if isinstance(obj, super):
+        mro = obj.__self_class__.__mro__ if obj.__self_class__ is not None else ()
+        classes = mro[mro.index(obj.__thisclass__) + 1:] if obj.__thisclass__ in mro else mro
+    elif isinstance(obj, type):
+        classes = obj.__mro__
+    else:
+        classes = type(obj).__mro__
+    for cls in classes:
+        if name in vars(cls):
+            return (getattr(cls, "__module__", None) or "").split(".")[0]
+    return ""
 
 
 def _describe(obj: Any) -> str:

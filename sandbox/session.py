@@ -132,14 +132,29 @@ class Session:
         logger.debug("%s", error)
         return ExecutionResult(ok=False, stdout=stdout, error=error, repairs=repairs or [])
 
-    def close(self) -> None:
-        """Stops the worker and deletes the input copies and the saved images."""
+    def close(self, *, keep_files: bool = False) -> None:
+        """Stops the worker and deletes the input copies and the saved images.
+
+        Args:
+            keep_files (`bool`, defaults to `False`): stop the worker but leave the files (``Sandbox.run`` does
+                this; the Sandbox deletes them when it closes).
+        """
         with self._lock:
             self._closed = True
             if self._worker is not None:
                 self._worker.kill()
                 self._worker = None
-            shutil.rmtree(self._dir, ignore_errors=True)
+            if not keep_files:
+                shutil.rmtree(self._dir, ignore_errors=True)
+
+    @property
+    def directory(self) -> Path:
+        """The session's own dir (inputs/ and scratch/)."""
+        return self._dir
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()  # a dropped session must not keep its worker alive
 
     def __enter__(self) -> Session:
         return self

@@ -6,6 +6,7 @@ import hashlib
 
 import cv2
 import numpy as np
+
 from thyme.sandbox import Sandbox
 
 

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from thyme.sandbox.process import CLEAN_ENV
 
 ATTACKS = r'''

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 
 import pytest
+
 from thyme.sandbox.repair import RepairConfig, RepairContext, clamp_box, repair_source
 
 INPUT = "/s/inputs/17127.jpg"

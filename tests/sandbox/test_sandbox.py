@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 import thyme.sandbox
 from thyme.sandbox import InvalidInput, Limits, RepairConfig, Sandbox, SandboxClosed
 
@@ -239,6 +240,15 @@ def test_close_deletes_session_files_and_refuses_further_runs(sandbox: Sandbox, 
     assert not session.scratch_dir.exists()
     with pytest.raises(SandboxClosed):
         session.run("print(1)")
+
+
+def test_one_shot_run_keeps_images_until_the_sandbox_closes(small_image: Path) -> None:
+    code = ("import cv2\ncv2.imwrite('/mnt/data/temp_processed_images/o.png', cv2.imread(image_path)[:64, :64])\n"
+            "print('/mnt/data/temp_processed_images/o.png')")
+    with Sandbox(pool_size=0) as sb:
+        result = sb.run(code, image=str(small_image))
+        assert cv2.imread(result.images[0]).shape == (64, 64, 3)
+    assert not Path(result.images[0]).exists()
 
 
 def test_closed_sandbox_refuses_sessions(small_image: Path) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from thyme.sandbox import Limits, Sandbox, Session
 
 SECRET = "thyme-secret-" + uuid.uuid4().hex
@@ -366,3 +367,28 @@ def test_print_flood_without_loop_is_capped(shared) -> None:
     assert result.stdout.startswith("y" * 1000)
     assert len(result.stdout) < 2100
     assert result.stdout.rstrip().endswith("more characters not shown]")
+
+
+LAUNDERED = {
+    "ndarray_subclass_tofile": "import numpy as np\nclass A(np.ndarray):\n    pass\n"
+                               "np.zeros(3).view(A).tofile('{sentinel}')",
+    "super_tofile": "import numpy as np\nclass A(np.ndarray):\n    def go(self, p):\n"
+                    "        return super().tofile(p)\nnp.zeros(3).view(A).go('{sentinel}')",
+    "pil_subclass_super_save": "from PIL import Image\nclass I(Image.Image):\n    def go(self, p):\n"
+                               "        return super().save(p, 'PNG')\nim = I()\nim.go('{sentinel}')",
+    "str_class_format": "print(str.format('{{0.__class__}}', 1))\nopen('{sentinel}', 'w')",
+    "getattr_str_format": "f = getattr(str, 'format_map')\nprint(f('{{x.__class__}}', {{'x': 1}}))\n"
+                          "open('{sentinel}', 'w')",
+    "cv2_dnn_dump": "import cv2\nnet = cv2.dnn_Net()\nnet.dumpToFile('{sentinel}')",
+    "cv2_algorithm_write": "import cv2\ncv2.ORB_create().write('{sentinel}')",
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAUNDERED))
+def test_file_methods_cannot_be_laundered_through_subclasses_super_or_classes(shared, sentinel: Path,
+                                                                            name: str) -> None:
+    session, _ = shared
+    result = session.run(LAUNDERED[name].format(sentinel=sentinel))
+    assert not sentinel.exists()
+    assert not result.ok
+    assert "<class 'int'>" not in result.stdout
