@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from thyme.sandbox.errors import SandboxError
-from thyme.ui.export import write_conversation_zip
-from thyme.ui.render import TurnView, render_problem
 
 import thyme
 from thyme.agent import ThymeAgent
 from thyme.config import DEFAULT_MAX_GENERATION_CALLS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, AgentConfig
 from thyme.errors import BackendError, ThymeError
 from thyme.images import read_image_size
+from thyme.sandbox.errors import SandboxError
+from thyme.ui.export import write_conversation_zip
+from thyme.ui.render import TurnView, render_problem
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ ZIP_NAME = "thyme_trajectory.zip"
 # Qwen2.5-VL sees images in 28x28-pixel patches; the max-pixels slider moves in whole patches.
 PIXEL_STEP = 28 * 28
 MAX_GENERATION_CALLS_LIMIT = 20
+# Gradio turns pasted text longer than this into a .txt upload; a long multiple-choice question must stay text.
+MAX_PASTED_QUESTION_CHARS = 20_000
 FOLLOW_UP_PREAMBLE = "Earlier questions about this image and their answers:\n{history}\n\nNow answer this question:\n"
 NO_IMAGE = "No image yet: upload or paste an image (or pick the example below), then ask a question about it."
 NO_QUESTION = "Image received. Now type a question about it."
@@ -300,6 +302,7 @@ def build_demo(
                 chat_input = gr.MultimodalTextbox(
                     file_types=["image"],
                     placeholder="Upload or paste an image, then ask a question about it",
+                    max_plain_text_length=MAX_PASTED_QUESTION_CHARS,
                     show_label=False,
                     sources=["upload"],
                 )

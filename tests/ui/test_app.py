@@ -7,10 +7,17 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+
+from tests.fixtures.demo_app import free_port
+from thyme.agent import ThymeAgent
+from thyme.backends.openai_compat import OpenAIBackend
+from thyme.backends.scripted import ScriptedBackend
+from thyme.config import AgentConfig
 from thyme.ui.app import (
     NO_IMAGE,
     README_SCRIPT,
     Conversation,
+    clear_conversation,
     delete_conversation,
     follow_up_question,
     make_add_message,
@@ -18,12 +25,6 @@ from thyme.ui.app import (
     redraw,
     shared_agent_factory,
 )
-
-from tests.fixtures.demo_app import free_port
-from thyme.agent import ThymeAgent
-from thyme.backends.openai_compat import OpenAIBackend
-from thyme.backends.scripted import ScriptedBackend
-from thyme.config import AgentConfig
 
 EXAMPLE = json.loads(README_SCRIPT.read_text(encoding="utf-8"))
 DEFAULT_SETTINGS = (5, "greedy", 1.0, 12_845_056, True)
@@ -134,6 +135,28 @@ def test_redraw_hides_and_shows_reasoning_of_past_answers(ui_sandbox, example_im
     assert len(hidden) == len(chat) - 2  # the two prose messages
     assert not any(_text(m).startswith("To determine the plate number") for m in hidden)
     assert [_text(m) for m in redraw(conversation, True)] == [_text(m) for m in chat]
+
+
+def test_bot_response_shows_an_error_in_the_model_code_as_a_sandbox_error(ui_sandbox, example_image):
+    script = [
+        "<think>Let me look.\n<code>\n```python\nprint(undefined_name)\n```\n</code>",
+        "</think><answer>A</answer>",
+    ]
+    factory = shared_agent_factory(ScriptedBackend(script), ui_sandbox)
+    chat, _, _ = _run(factory, None, "plate?", example_image)
+    (error,) = [m for m in chat if m.metadata.get("title") == "Sandbox error (step 1)"]
+    assert (
+        error.content == "```text\nSandbox for 17127: Code execution failed: name 'undefined_name' is not defined\n```"
+    )
+    assert chat[-1].content == "### Answer\n\nA"  # the model read the error and went on
+
+
+def test_clear_conversation_empties_the_chat_and_removes_the_tab_files(ui_sandbox, example_image):
+    _, conversation, _ = _run(_RecordingFactory(ui_sandbox), None, "plate?", example_image)
+    assert (conversation.work_dir / "thyme_trajectory.zip").is_file()
+    chat, state, download, box = clear_conversation(conversation)
+    assert (chat, state, download.visible, box.interactive) == ([], None, False, True)
+    assert not conversation.work_dir.exists()
 
 
 @pytest.mark.slow

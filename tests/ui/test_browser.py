@@ -6,6 +6,7 @@ screenshot there (that is how docs/demo.png is made).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -13,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from thyme.ui.app import README_SCRIPT, build_demo
 
 from tests.fixtures.demo_app import serving
 from thyme.agent import ThymeAgent
 from thyme.backends.scripted import ScriptedBackend, load_script
+from thyme.ui.app import README_SCRIPT, build_demo
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright is not installed (pip install -e '.[dev]'): browser check skipped"
@@ -30,6 +31,7 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"]
 SCREENSHOT_ENV = "THYME_DEMO_SCREENSHOT"
 TIMEOUT_MS = 60_000
+EXAMPLE_QUESTION = json.loads(README_SCRIPT.read_text(encoding="utf-8"))["question"]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,13 @@ def test_browser_page_shows_code_crop_and_answer(page, scripted_url, example_ima
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
     if os.environ.get(SCREENSHOT_ENV):
         shutil.copyfile(shot, os.environ[SCREENSHOT_ENV])
+
+
+def test_browser_example_fills_the_input_with_the_readme_photo_and_question(page, scripted_url):
+    page.goto(scripted_url)
+    page.get_by_text("Question: What is the plate number of the blue car").click()
+    sync_api.expect(page.locator("textarea").first).to_have_value(EXAMPLE_QUESTION)
+    sync_api.expect(page.locator("img[src*='17127.jpg']").first).to_be_visible()  # the photo is attached
 
 
 class _BlockedBackend(ScriptedBackend):
