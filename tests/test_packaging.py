@@ -36,7 +36,9 @@ def _packages_on_disk() -> set[str]:
 def test_packaging_lists_every_package_on_disk() -> None:
     listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
     missing = _packages_on_disk() - listed
-    assert not missing, f"add these to [tool.setuptools] packages in pyproject.toml or a wheel will lack them: {missing}"
+    assert not missing, (
+        f"add these to [tool.setuptools] packages in pyproject.toml or a wheel will lack them: {missing}"
+    )
 
 
 def test_packaging_listed_packages_exist() -> None:
