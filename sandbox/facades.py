@@ -79,6 +79,13 @@ class PathPolicy:
     def inside_scratch(self, real: str) -> bool:
         return real == self.scratch or real.startswith(self.scratch + os.sep)
 
+    def readable_or_file(self, target: Any) -> Any:
+        """A path to read (checked), or an already open file object (which only a checked ``open`` can make)."""
+        return target if _is_file_object(target) else self.readable(target)
+
+    def writable_or_file(self, target: Any) -> Any:
+        return target if _is_file_object(target) else self.writable(target)
+
     def readable(self, path: Any) -> str:
         """Returns the real path to read, or raises PolicyViolation naming what may be read."""
         real = self._map(path)
@@ -257,19 +264,19 @@ def _numpy_facade(paths: PathPolicy) -> ModuleFacade:
     def load(file: Any, mmap_mode: Any = None, allow_pickle: bool = False, **kwargs: Any) -> Any:
         if allow_pickle:
             raise PolicyViolation("numpy.load(allow_pickle=True) is not allowed: pickles can run code")
-        return np.load(paths.readable(file), allow_pickle=False, **kwargs)
+        return np.load(paths.readable_or_file(file), allow_pickle=False, **kwargs)
 
     def writer(function: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(function)
         def confined(file: Any, *args: Any, **kwargs: Any) -> Any:
-            return function(paths.writable(file), *args, **kwargs)
+            return function(paths.writable_or_file(file), *args, **kwargs)
 
         return confined
 
     def reader(function: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(function)
         def confined(fname: Any, *args: Any, **kwargs: Any) -> Any:
-            return function(paths.readable(fname), *args, **kwargs)
+            return function(paths.readable_or_file(fname), *args, **kwargs)
 
         return confined
 
@@ -290,7 +297,7 @@ def _pil_facade(paths: PathPolicy) -> ModuleFacade:
     def open_image(fp: Any, mode: str = "r", formats: Any = None) -> Any:
         if mode != "r":
             raise PolicyViolation("Image.open only reads (mode 'r')")
-        return Image.open(paths.readable(fp), mode, formats)
+        return Image.open(paths.readable_or_file(fp), mode, formats)
 
     def font_reader(function: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(function)
@@ -314,6 +321,16 @@ def _pil_facade(paths: PathPolicy) -> ModuleFacade:
             refuse = lambda attr, _v: attr == "load_path"  # noqa: E731 - searches sys.path for font files
         submodules[name] = ModuleFacade(f"PIL.{name}", module, overrides, refuse=refuse)
     return ModuleFacade("PIL", None, {}, submodules=submodules)
+
+
+def _is_file_object(target: Any) -> bool:
+    """A real file object: ``io`` cannot be imported in the sandbox, so it came from the confined ``open``.
+
+    A PathLike is never one: PIL and numpy would open its ``__fspath__`` instead of reading it.
+    """
+    import io
+
+    return isinstance(target, io.IOBase) and not isinstance(target, os.PathLike)
 
 
 def _check_image_header(paths: PathPolicy, real: str) -> None:

@@ -130,7 +130,7 @@ def _confined_save(paths: PathPolicy, image: Any) -> Callable[..., Any]:
     def save(fp: Any, format: Any = None, **params: Any) -> Any:
         width, height = image.size
         paths.check_pixels(width, height, "the image to save")
-        return image.save(paths.writable(fp), format, **params)
+        return image.save(paths.writable_or_file(fp), format, **params)
 
     return save
 

@@ -17,7 +17,7 @@ from thyme.sandbox.repair import OUTPUT_ALIAS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "gif", "tiff", "tif", "webp")
 _PRINTED_PATH = re.compile(
-    r"""[^\s'"`,;()\[\]{}<>=]+\.(?:""" + "|".join(IMAGE_EXTENSIONS) + r""")(?![\w.])""", re.IGNORECASE
+    r"""[^\s'"`,;()\[\]{}<>=]+\.(?:""" + "|".join(IMAGE_EXTENSIONS) + r""")(?!\w)(?!\.\w)""", re.IGNORECASE
 )
 
 

@@ -59,6 +59,12 @@ LEGIT = {
                         "os.path.exists(image_path), os.path.exists('/etc/passwd'))",
                         "small.png .jpg True False\n"),
     "block_first_code": ("for i in range(2):\n    print(i)", "0\n1\n"),
+    "file_objects": ("from PIL import Image\nwith open(image_path, 'rb') as f:\n    im = Image.open(f)\n"
+                     "    im.load()\n"
+                     "with open('/mnt/data/temp_processed_images/c.png', 'wb') as out:\n    im.save(out, 'PNG')\n"
+                     "import numpy as np\nwith open('a.npy', 'wb') as g:\n    np.save(g, np.arange(3))\n"
+                     "print(im.size, Image.open('c.png').size, np.load(open('a.npy', 'rb')).tolist())",
+                     "(200, 120) (200, 120) [0, 1, 2]\n"),
     "exceptions_and_lambdas": ("try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    print('caught', e)\n"
                                "f = lambda *a, **k: (len(a), sorted(k))\nprint(f(1, 2, z=1))",
                                "caught division by zero\n(2, ['z'])\n"),
@@ -91,7 +97,8 @@ def test_several_images_come_back_in_print_order(sandbox: Sandbox, small_image: 
     code = ("import cv2\nimg = cv2.imread(image_path)\nout = '/mnt/data/temp_processed_images/'\n"
             "for name, x in (('left', 0), ('right', 100), ('mid', 50)):\n"
             "    cv2.imwrite(out + name + '.png', img[:, x:x + 64])\n"
-            "print('Saved:', out + 'right.png')\nprint(out + 'left.png', out + 'mid.png')\nprint(out + 'right.png')")
+            "print('Saved: ' + out + 'right.png.')\nprint(out + 'left.png,', out + 'mid.png')\n"
+            "print(out + 'right.png')\nprint('mid.png.bak')")
     with sandbox.session(image=str(small_image)) as session:
         result = session.run(code)
         assert result.ok, result.error

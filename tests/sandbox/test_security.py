@@ -379,6 +379,9 @@ LAUNDERED = {
     "str_class_format": "print(str.format('{{0.__class__}}', 1))\nopen('{sentinel}', 'w')",
     "getattr_str_format": "f = getattr(str, 'format_map')\nprint(f('{{x.__class__}}', {{'x': 1}}))\n"
                           "open('{sentinel}', 'w')",
+    "pathlike_file_object": "from PIL import Image\nF = type(open(image_path, 'rb'))\nclass P(F):\n"
+                            "    def __fspath__(self):\n        return '{sentinel}'\n"
+                            "Image.new('L', (4, 4)).save(P(image_path, 'rb'), 'PNG')",
     "cv2_dnn_dump": "import cv2\nnet = cv2.dnn_Net()\nnet.dumpToFile('{sentinel}')",
     "cv2_algorithm_write": "import cv2\ncv2.ORB_create().write('{sentinel}')",
 }
