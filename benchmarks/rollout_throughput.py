@@ -83,7 +83,8 @@ def main() -> None:
     import json
 
     question = json.loads(script.read_text(encoding="utf-8"))["question"]
-    with Sandbox(timeout=30) as sandbox:
+    # As the trainer does: as many warm workers as concurrent rollouts, so no session waits for a worker to start.
+    with Sandbox(timeout=30, pool_size=max(args.workers)) as sandbox:
         _run(2, 2, model, processor, sandbox, script, image, question)  # warm-up: workers started, caches filled
         baseline = None
         print(f"batch {args.batch} scripted README rollouts, tiny Qwen2.5-VL, torch threads {args.threads}")

@@ -53,7 +53,7 @@ def make_trainer(tiny_model_dir: Path, tmp_path_factory, sandbox, rl_data_file: 
     from thyme.train.data import load_rl_dataset
     from thyme.train.trainer import ThymeGRPOTrainer
 
-    def build(script: Path = readme_script, reward_funcs=None, **overrides) -> ThymeGRPOTrainer:
+    def build(script: Path | None = readme_script, reward_funcs=None, peft_config=None, **overrides):
         settings = dict(
             output_dir=str(tmp_path_factory.mktemp("rl-out")),
             use_cpu=True,
@@ -78,7 +78,8 @@ def make_trainer(tiny_model_dir: Path, tmp_path_factory, sandbox, rl_data_file: 
         args = ThymeGRPOConfig(**settings)
         dataset = load_rl_dataset(rl_data_file)
         return ThymeGRPOTrainer(
-            str(tiny_model_dir), reward_funcs, args, dataset, sandbox=sandbox, rollout_script=script
+            str(tiny_model_dir), reward_funcs, args, dataset, sandbox=sandbox, rollout_script=script,
+            peft_config=peft_config,
         )
 
     return build

@@ -153,3 +153,32 @@ def test_trainer_logs_rollout_metrics(trained):
     assert logs["thyme/turns"] == 3.0  # prose to <code>, greedy code to </code>, then prose to </answer>
     assert logs["thyme/truncation_rate"] == 0.0 and logs["thyme/failed"] == 0.0
     assert 0.0 < logs["thyme/sandbox_wait_share"] < 1.0
+
+
+def test_trainer_step_with_the_policy_generating(make_trainer):
+    """No script: the tiny model samples its own (random) text through the loop; it writes no code, so every
+    trajectory ends without an answer after its per-call cap, and is trained on as it is."""
+    trainer = make_trainer(script=None, reward_funcs=[alternating_reward], max_new_tokens_per_call=4,
+                           max_generation_calls=2)  # fmt: skip
+    seen = _capture_loss_inputs(trainer)
+    trainer.train()
+    inputs = seen[0]
+    assert inputs["num_images"] == [1, 1]  # only the input image: no code ran
+    assert inputs["completion_mask"].sum(dim=1).tolist() == [8, 8]  # 2 calls x 4 sampled tokens, no end of turn
+    assert torch.equal(inputs["tool_mask"], torch.ones_like(inputs["tool_mask"]))
+    logs = trainer.state.log_history[0]
+    assert logs["thyme/turns"] == 2.0 and logs["thyme/code_blocks_per_trajectory"] == 0.0
+    assert logs["thyme/truncation_rate"] == 1.0 and logs["completions/clipped_ratio"] == 1.0
+    reported = inputs["sampling_per_token_logps"]
+    assert torch.allclose(reported, inputs["loss_logps"], atol=1e-4)
+
+
+def test_trainer_lora_step_moves_only_the_adapter(make_trainer):
+    from peft import LoraConfig
+
+    trainer = make_trainer(reward_funcs=[alternating_reward], peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {name for name, value in before.items() if not torch.equal(value, after[name])}
+    assert changed and all("lora_" in name for name in changed)
