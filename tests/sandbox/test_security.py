@@ -382,9 +382,9 @@ LAUNDERED = {
     "pathlike_file_object": "from PIL import Image\nF = type(open(image_path, 'rb'))\nclass P(F):\n"
                             "    def __fspath__(self):\n        return '{sentinel}'\n"
                             "Image.new('L', (4, 4)).save(P(image_path, 'rb'), 'PNG')",
-    "pathlike_made_with_type": "from PIL import Image\nF = type(open(image_path, 'rb'))\n"
-                               "P = type('P', (F,), {{'__fspath__': lambda self: '{sentinel}'}})\n"
-                               "Image.new('L', (4, 4)).save(P(image_path, 'rb'), 'PNG')",
+    "pathlike_made_with_type": "from PIL import Image\nf = open(image_path, 'rb')\n"
+                               "P = type('P', (type(f),), {{'__fspath__': lambda self: '{sentinel}'}})\n"
+                               "Image.new('L', (4, 4)).save(P(f.raw), 'PNG')",
     "cv2_dnn_dump": "import cv2\nnet = cv2.dnn_Net()\nnet.dumpToFile('{sentinel}')",
     "cv2_algorithm_write": "import cv2\ncv2.ORB_create().write('{sentinel}')",
 }
