@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,9 @@ def test_bench_synth_then_eval_scripted(tmp_path: Path, capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert "accuracy 50.0 % (2/4), mode thyme, 0 resumed" in out
     assert "  color: 100.0 % (1/1)" in out
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["backend"] == "scripted"
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["backend"] == "scripted" and results["thyme_version"]
+    assert results["agent_config"]["max_attempts"] == 1 and results["agent_config"]["sampling"] == "greedy"
     assert main([*argv, "--no-progress"]) == 0  # resumed: nothing left to run
     assert "4 resumed" in capsys.readouterr().out
 
@@ -69,3 +73,13 @@ def test_bench_compare_prints_the_delta_per_category(tmp_path: Path, capsys: pyt
     assert "| color | 0.0 | 100.0 | +100.0 |" in table and "| position | 100.0 | 100.0 | +0.0 |" in table
     assert main(["bench", "compare", str(tmp_path / "nothing"), str(tmp_path / "thyme")]) == 1
     assert "pass the --out folder of a finished `thyme eval` run" in capsys.readouterr().err
+
+
+def test_eval_modules_import_without_torch() -> None:
+    # `thyme eval --help` and `thyme bench synth` must not pay for torch; the harness loads it only via a backend.
+    code = (
+        "import sys, thyme.commands.eval, thyme.evaluation.harness, thyme.evaluation.synth, "
+        "thyme.evaluation.adapters.vlmevalkit; print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.strip() == "False"

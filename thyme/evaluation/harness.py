@@ -18,6 +18,7 @@ threads, which pays off for an OpenAI-compatible server that batches concurrent 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import thyme
 from thyme.backends.base import Backend
 from thyme.config import AgentConfig
 from thyme.errors import ConfigError, ImageError, ProtocolError
@@ -41,6 +43,8 @@ from thyme.trajectory import ModelText, Trajectory
 logger = logging.getLogger(__name__)
 
 MODES = ("thyme", "direct")
+# Retries sample (thyme.loop), so one attempt keeps a greedy evaluation deterministic; the fallback prompt is greedy.
+EVAL_AGENT_DEFAULTS = {"max_attempts": 1}
 IMAGES_DIR = "images"  # decoded base64 inputs
 CROPS_DIR = "crops"  # sandbox images, one folder per row
 # Failures that belong to one row: the run records them and goes on. Backend and sandbox infrastructure errors
@@ -298,7 +302,8 @@ def run_evaluation(
         out_dir: the output folder; an existing ``predictions.jsonl`` there is resumed.
         backend_for: returns the backend answering a row (see :data:`BackendFor`).
         config: mode, limit, workers; defaults to ``EvalConfig()``.
-        agent_config: budget, sampling and image limits of the model; greedy defaults.
+        agent_config: budget, sampling and image limits of the model; default: greedy with a single attempt
+            (:data:`EVAL_AGENT_DEFAULTS`), because the agent's retries sample and a benchmark score must repeat.
         run_info: facts recorded in ``results.json`` (model name, backend); the dataset and mode are added.
         sandbox: a started ``thyme.sandbox.Sandbox`` to share (thyme mode); one is started and closed if None.
 
@@ -310,7 +315,7 @@ def run_evaluation(
         BackendError, SandboxError: infrastructure failures; finished rows stay in ``predictions.jsonl``.
     """
     config = config or EvalConfig()
-    agent_config = agent_config or AgentConfig()
+    agent_config = agent_config or AgentConfig(**EVAL_AGENT_DEFAULTS)
     out = Path(out_dir)
     items = load_dataset(data)[: config.limit]
     out.mkdir(parents=True, exist_ok=True)
@@ -331,7 +336,14 @@ def run_evaluation(
     recorded = store.load()
     predictions = [recorded[item.index] for item in items]
     metrics = compute_metrics(predictions)
-    info = {"dataset": str(data), "mode": config.mode, "rows": len(items), **(run_info or {})}
+    info = {
+        "dataset": str(data),
+        "mode": config.mode,
+        "rows": len(items),
+        "thyme_version": thyme.__version__,
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **(run_info or {}),
+    }
     info["agent_config"] = {k: str(v) if isinstance(v, Path) else v for k, v in agent_config.__dict__.items()}
     write_results(out, metrics, info)
     write_report(out, predictions, metrics, info, examples=config.report_examples)
