@@ -93,6 +93,12 @@ class Conversation:
                 messages.extend(turn.view.messages(show_reasoning=show_reasoning))
         return messages
 
+    def stop(self) -> None:
+        """Marks the run in progress, if any, as stopped by the user (its partial trajectory stays visible)."""
+        for turn in self.turns:
+            if turn.view is not None:
+                turn.view.stop()
+
     def trajectories(self) -> list:
         """Every trajectory run in this tab (retries and fallbacks included), oldest first."""
         return [t for turn in self.turns if turn.view is not None for t in turn.view.attempts]
@@ -128,6 +134,7 @@ def make_add_message(max_input_pixels: int) -> Callable[..., tuple]:
             The chat, the cleared and locked input box, and the conversation.
         """
         conversation = conversation or Conversation()
+        conversation.stop()  # a run cancelled from the API (no Stop click) must not keep its spinner
         message = message or {}
         question = (message.get("text") or "").strip()
         files = [f if isinstance(f, str) else f["path"] for f in message.get("files") or []]
@@ -190,12 +197,11 @@ def make_bot_response(agent_factory: AgentFactory, base_config: AgentConfig) -> 
         show_reasoning: bool,
     ) -> Iterator[tuple[list[gr.ChatMessage], Conversation | None, Any]]:
         """Runs the pending question through the agent and streams the chat after every loop event."""
-        pending = conversation is not None and conversation.turns and conversation.turns[-1].view is None
-        if not pending or conversation.turns[-1].asked is None:
+        turn = conversation.turns[-1] if conversation is not None and conversation.turns else None
+        if turn is None or turn.view is not None or turn.asked is None:  # nothing to run (a problem, or ran)
             chat = conversation.messages(show_reasoning=show_reasoning) if conversation else []
             yield chat, conversation, gr.DownloadButton()
             return
-        turn = conversation.turns[-1]
         turn.view = TurnView()
         images_dir = conversation.directory() / f"turn_{len(conversation.turns)}"
         settings = (max_generation_calls, sampling, temperature, max_pixels)
@@ -227,6 +233,14 @@ def make_bot_response(agent_factory: AgentFactory, base_config: AgentConfig) -> 
 def redraw(conversation: Conversation | None, show_reasoning: bool) -> list[gr.ChatMessage]:
     """Re-renders the chat when the "show reasoning" switch changes."""
     return conversation.messages(show_reasoning=show_reasoning) if conversation else []
+
+
+def stop_run(conversation: Conversation | None, show_reasoning: bool) -> tuple:
+    """The Stop button (its click also cancels the streaming event): marks the run stopped, unlocks the input."""
+    if conversation is None:
+        return [], gr.MultimodalTextbox(interactive=True)
+    conversation.stop()
+    return conversation.messages(show_reasoning=show_reasoning), gr.MultimodalTextbox(interactive=True)
 
 
 def unlock_input() -> gr.MultimodalTextbox:
@@ -314,7 +328,8 @@ def build_demo(
                     gr.Examples(examples=[[example] for example in examples], inputs=[chat_input], label="Example")
             with gr.Column(scale=1), gr.Accordion("Settings", open=True):
                 max_calls = gr.Slider(
-                    1, MAX_GENERATION_CALLS_LIMIT, value=base_config.max_generation_calls, step=1,
+                    1, max(MAX_GENERATION_CALLS_LIMIT, base_config.max_generation_calls),
+                    value=base_config.max_generation_calls, step=1,
                     label="Max generation calls", info=f"per attempt (the original: {DEFAULT_MAX_GENERATION_CALLS})",
                 )  # fmt: skip
                 sampling = gr.Radio(SAMPLING_CHOICES, value=base_config.sampling, label="Sampling")
@@ -323,7 +338,8 @@ def build_demo(
                     info="prose temperature under ATS (code stays greedy)",
                 )  # fmt: skip
                 max_pixels = gr.Slider(
-                    DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS, value=base_config.max_pixels, step=PIXEL_STEP,
+                    DEFAULT_MIN_PIXELS, max(DEFAULT_MAX_PIXELS, base_config.max_pixels),
+                    value=base_config.max_pixels, step=PIXEL_STEP,
                     label="Max pixels", info="per image the model sees (the sandbox always gets the original)",
                 )  # fmt: skip
                 show_reasoning = gr.Checkbox(value=True, label="Show reasoning")
@@ -336,7 +352,7 @@ def build_demo(
             bot_response, [conversation, *settings], [chatbot, conversation, download], api_name="bot_response"
         )
         running.then(unlock_input, None, chat_input, api_visibility="private")
-        stop.click(None, cancels=[running]).then(unlock_input, None, chat_input, api_visibility="private")
+        stop.click(stop_run, [conversation, show_reasoning], [chatbot, chat_input], cancels=[running], api_name="stop")
         clear.click(clear_conversation, conversation, [chatbot, conversation, download, chat_input], cancels=[running])
         show_reasoning.change(redraw, [conversation, show_reasoning], chatbot, api_visibility="private")
     return demo

@@ -47,6 +47,8 @@ THINKING_TITLE = "The model is writing"
 THINKING_TEXT = "Waiting for the backend to return the next piece of the reasoning."
 RETRY_TITLE = "Attempt {attempt} ended without an answer"
 FALLBACK_FAILED_TITLE = "The fallback prompt got no answer either"
+STOPPED_TITLE = "Stopped"
+STOPPED_TEXT = "You stopped this run; the model did not finish."
 FALLBACK_TITLE = "Asking once more with the plain fallback prompt"
 FALLBACK_TEXT = "No attempt ended with an answer, so the model is asked once more to answer directly, without code."
 # Why an attempt ended without an answer, in the user's words (the loop's STOP_* reasons).
@@ -178,6 +180,7 @@ class TurnView:
     stop_reasons: list[str | None] = field(default_factory=list)
     running_code: bool = False
     result: RolloutResult | None = None
+    stopped: bool = False
 
     def apply(self, event: Event) -> None:
         """Records one loop event (the trajectories themselves are the loop's live objects)."""
@@ -196,6 +199,11 @@ class TurnView:
         elif not isinstance(event, TextGenerated):
             raise TypeError(f"unknown loop event {event!r}")
 
+    def stop(self) -> None:
+        """Marks a run the user cancelled: no spinner stays behind, and the chat says it was stopped."""
+        if self.result is None:
+            self.stopped = True
+
     @property
     def finished(self) -> bool:
         """True once the loop's Finished event arrived."""
@@ -209,18 +217,19 @@ class TurnView:
             if self.fallback[index]:
                 messages.append(gr.ChatMessage(content=FALLBACK_TEXT, metadata={"title": FALLBACK_TITLE}))
             is_current = index == last
-            messages.extend(
-                render_trajectory(
-                    trajectory, show_reasoning=show_reasoning, running_code=self.running_code and is_current
-                )
-            )
+            running = self.running_code and is_current and not self.stopped
+            messages.extend(render_trajectory(trajectory, show_reasoning=show_reasoning, running_code=running))
             if reason in STOP_REASON_TEXT:
                 title = FALLBACK_FAILED_TITLE if self.fallback[index] else RETRY_TITLE.format(attempt=index + 1)
                 messages.append(
                     gr.ChatMessage(content=STOP_REASON_TEXT[reason], metadata={"title": title, "status": _DONE})
                 )
         if self.result is None:
-            if not self.running_code:
+            if self.stopped:
+                messages.append(
+                    gr.ChatMessage(content=STOPPED_TEXT, metadata={"title": STOPPED_TITLE, "status": _DONE})
+                )
+            elif not self.running_code:
                 messages.append(
                     gr.ChatMessage(content=THINKING_TEXT, metadata={"title": THINKING_TITLE, "status": _PENDING})
                 )

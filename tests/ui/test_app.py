@@ -159,6 +159,18 @@ def test_clear_conversation_empties_the_chat_and_removes_the_tab_files(ui_sandbo
     assert not conversation.work_dir.exists()
 
 
+def test_next_question_after_a_cancelled_run_marks_that_run_stopped(ui_sandbox, example_image):
+    factory = _RecordingFactory(ui_sandbox)
+    *_, conversation = make_add_message(10**8)({"text": "plate?", "files": [str(example_image)]}, None, True)
+    stream = make_bot_response(factory, AgentConfig())(conversation, *DEFAULT_SETTINGS)
+    next(stream)  # the first event arrived, then the client went away (API job cancelled, tab closed)
+    stream.close()
+    chat, _, _ = _run(factory, conversation, "again?")
+    assert conversation.turns[0].view.stopped and not conversation.turns[1].view.stopped
+    assert [m.metadata.get("title") for m in chat].count("Stopped") == 1
+    assert chat[-1].content == "### Answer\n\nC. S QT 911"
+
+
 @pytest.mark.slow
 def test_demo_runs_the_tiny_model_through_the_real_path(tiny_model_dir: Path, ui_sandbox, example_image):
     agent = ThymeAgent.from_pretrained(tiny_model_dir, device="cpu")

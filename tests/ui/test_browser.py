@@ -107,8 +107,11 @@ def test_browser_stop_button_cancels_the_run_and_unlocks_the_input(page, ui_sand
             sync_api.expect(page.locator("textarea").first).to_be_disabled()
             page.get_by_role("button", name="Stop").click()
             sync_api.expect(page.locator("textarea").first).to_be_enabled()
+            sync_api.expect(page.get_by_text("You stopped this run")).to_be_visible()
+            sync_api.expect(page.get_by_text("The model is writing")).to_have_count(0)  # no spinner left behind
             release.set()
             page.wait_for_timeout(1000)  # had the run gone on, its answer would now be on the page
             assert page.locator(".message.bot h3", has_text="Answer").count() == 0
+            sync_api.expect(page.get_by_text("Sandbox result (step 1)")).to_be_visible()  # the partial run stays
     finally:
         release.set()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-from thyme.ui import render
 
 from thyme.loop import (
     AttemptFinished,
@@ -20,6 +19,7 @@ from thyme.loop import (
 )
 from thyme.protocol import MISSING_ANSWER
 from thyme.trajectory import ModelText, SandboxOutput, Trajectory
+from thyme.ui import render
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = json.loads((REPO / "thyme/data/examples/readme_17127.json").read_text(encoding="utf-8"))
@@ -181,6 +181,20 @@ def test_turn_view_every_attempt_and_the_fallback_failed():
         "The fallback prompt got no answer either",
         "No answer",
     ]
+
+
+def test_turn_view_stopped_run_keeps_its_steps_and_drops_the_spinners():
+    trajectory = Trajectory("s", "q", ["/in.jpg"], [ModelText(EXAMPLE["segments"][0])])
+    view = render.TurnView()
+    view.apply(AttemptStarted(1, False, trajectory))
+    view.apply(CodeStarted(EXAMPLE["code"]))
+    view.stop()
+    messages = view.messages()
+    assert _titles(messages) == [None, "Python code (step 1)", "Stopped"]
+    assert all(m.metadata.get("status") != "pending" for m in messages)
+    finished = render.TurnView(result=_result(trajectory, "A"))
+    finished.stop()
+    assert not finished.stopped  # a finished run cannot be stopped after the fact
 
 
 def test_turn_view_rejects_unknown_events():
