@@ -67,6 +67,7 @@ def _description(args: argparse.Namespace, script: Path) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Loads the backend, starts the sandbox and serves the demo until interrupted."""
+    from thyme.config import AgentConfig
     from thyme.sandbox import Sandbox
     from thyme.ui.app import (
         EXAMPLES_DIR,
@@ -76,8 +77,6 @@ def run_demo(args: argparse.Namespace) -> int:
         scripted_agent_factory,
         shared_agent_factory,
     )
-
-    from thyme.config import AgentConfig
 
     base_config = AgentConfig(max_new_tokens=args.max_new_tokens, sandbox_timeout_s=args.sandbox_timeout_s)
     backend = _build_backend(args)

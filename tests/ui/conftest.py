@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from thyme.sandbox import Sandbox
-from thyme.ui.app import README_SCRIPT, build_demo, readme_example, scripted_agent_factory, scripted_description
 
 from tests.fixtures.demo_app import serving
 from thyme.config import AgentConfig
+from thyme.sandbox import Sandbox
+from thyme.ui.app import README_SCRIPT, build_demo, readme_example, scripted_agent_factory, scripted_description
 
 # Small enough that a test can make a "too large" image cheaply (a blank 2300x2200 PNG), large enough for 17127.jpg.
 TEST_MAX_INPUT_PIXELS = 5_000_000

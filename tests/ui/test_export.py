@@ -6,9 +6,9 @@ import zipfile
 
 import pytest
 from PIL import Image
-from thyme.ui.export import write_conversation_zip
 
 from thyme.trajectory import ModelText, SandboxOutput, Trajectory
+from thyme.ui.export import write_conversation_zip
 
 
 def _image(path, color) -> str:

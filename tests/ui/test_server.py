@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image, ImageOps
-from thyme.ui.app import NO_IMAGE, NO_QUESTION, README_SCRIPT, readme_example
 
 from tests.fixtures.demo_app import fetch_file
 from thyme.trajectory import Trajectory
+from thyme.ui.app import NO_IMAGE, NO_QUESTION, README_SCRIPT, readme_example
 
 pytestmark = pytest.mark.slow
 
