@@ -74,6 +74,7 @@ class Sandbox:
         self._own_root = work_dir is None
         root = Path(tempfile.mkdtemp(prefix="thyme-sandbox-")) if work_dir is None else Path(work_dir)
         root.mkdir(parents=True, exist_ok=True)
+        root = root.resolve()  # image paths are compared after realpath (macOS /tmp is a symlink)
         root.chmod(0o711)
         self.root = root
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()

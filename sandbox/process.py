@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -140,7 +141,8 @@ class WorkerProcess:
             logger.warning("sandbox worker %s did not exit after SIGKILL", self.process.pid)
         for pipe in (self.process.stdin, self.process.stdout):
             if pipe is not None:
-                pipe.close()
+                with contextlib.suppress(BrokenPipeError):  # unsent bytes to a dead worker: nothing to deliver
+                    pipe.close()
 
 
 def describe_exit(returncode: int | None) -> str:

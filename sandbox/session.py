@@ -84,9 +84,12 @@ class Session:
                  "repairs": vars(self._repairs)},
                 OPEN_TIMEOUT_S,
             )
-        except (ExecutionTimedOut, WorkerDied):
+        except (ExecutionTimedOut, WorkerDied) as exc:
+            # Reading the input headers is the only thing `open` does with outside data: a crash or hang here is
+            # the input's fault (a malicious file), and is reported on every run instead of raised.
             worker.kill()
-            raise
+            self._input_error = f"reading the input image(s) stopped the sandbox process ({exc})"
+            return
         self._worker = worker
         self._input_error = reply.get("input_error")
 
@@ -100,12 +103,14 @@ class Session:
         with self._lock:
             if self._closed:
                 raise SandboxClosed(f"session {self.item_id!r} is closed")
+            if self._input_error is not None:
+                return self._failed(f"Cannot run code: {self._input_error}.", "")
             lost = ""
             if self._worker is None or not self._worker.alive:
                 self._start_worker()
                 lost = " (the previous sandbox process was stopped: variables from earlier code blocks are gone)"
-            if self._input_error is not None:
-                return self._failed(f"Cannot run code: {self._input_error}.", "")
+                if self._input_error is not None:
+                    return self._failed(f"Cannot run code: {self._input_error}.", "")
             assert self._worker is not None
             timeout_s = self._limits.timeout_s
             try:

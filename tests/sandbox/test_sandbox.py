@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -285,3 +287,26 @@ def test_import_sandbox_does_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"  # not even cv2: only workers import the image libraries
+
+
+def test_worker_dying_while_reading_the_input_is_an_input_error(small_image: Path, tmp_path: Path) -> None:
+    from thyme.sandbox.process import WorkerProcess
+    from thyme.sandbox.session import Session
+
+    root = Path(tempfile.mkdtemp(prefix="thyme-test-"))
+    root.chmod(0o711)
+
+    def dying_worker() -> WorkerProcess:  # stands for a malicious input that crashes the image decoder
+        worker = WorkerProcess(Limits(), str(root))
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.process.wait()
+        return worker
+
+    try:
+        with Session([str(small_image)], "bad", root, Limits(), RepairConfig(), dying_worker) as session:
+            result = session.run("print(1)")
+            assert result.error.startswith("Sandbox for bad: Cannot run code: reading the input image(s) stopped "
+                                           "the sandbox process (the sandbox process stopped with SIGKILL")
+            assert session.run("print(1)").error == result.error  # no new worker is thrown at the same input
+    finally:
+        shutil.rmtree(root)
