@@ -9,8 +9,10 @@ the model (model calls are serialised by a lock, as in the trainer).
     python benchmarks/rollout_throughput.py                   # batch 8, workers 1 and 4
     python benchmarks/rollout_throughput.py --batch 16 --workers 1 2 4 8 --model-dir /tmp/tiny
 
-Prints one line per worker count: wall seconds, trajectories/s, sandbox-wait share (sandbox time / rollout time,
-summed over rollouts) and the speed-up over the first worker count. Needs no GPU and no network.
+Prints one line per worker count (fastest of ``--repeats`` runs): wall seconds, trajectories/s, sandbox-wait share
+(sandbox time / rollout time, summed over rollouts) and the speed-up over the first worker count. Needs no GPU and
+no network. On a CPU the model and the sandbox workers compete for the same cores, so the overlap gains little
+there; the number to watch is the sandbox-wait share, which concurrency hides on a GPU box.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4], help="concurrent rollouts to compare")
     parser.add_argument("--model-dir", default=None, help="tiny model folder (built there if missing)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per worker count; the fastest is reported")
     args = parser.parse_args()
 
     import torch
@@ -89,7 +92,9 @@ def main() -> None:
         baseline = None
         print(f"batch {args.batch} scripted README rollouts, tiny Qwen2.5-VL, torch threads {args.threads}")
         for workers in args.workers:
-            wall, share = _run(args.batch, workers, model, processor, sandbox, script, image, question)
+            runs = [_run(args.batch, workers, model, processor, sandbox, script, image, question)
+                    for _ in range(args.repeats)]  # fmt: skip
+            wall, share = min(runs)  # the least disturbed run: other processes share the CPU
             baseline = baseline or wall
             print(
                 f"workers {workers:2d}: {wall:6.2f} s  {args.batch / wall:6.2f} trajectories/s  "
