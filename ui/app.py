@@ -284,6 +284,28 @@ def scripted_description(script: str | Path) -> str:
     )
 
 
+def _settings_panel(base_config: AgentConfig) -> list[gr.components.Component]:
+    """The settings controls, in the order ``bot_response`` takes them: calls, sampling, temperature, max pixels,
+    show reasoning. Ranges widen to include the base config's values (a CLI may set more than the defaults)."""
+    max_calls = gr.Slider(
+        1, max(MAX_GENERATION_CALLS_LIMIT, base_config.max_generation_calls),
+        value=base_config.max_generation_calls, step=1,
+        label="Max generation calls", info=f"per attempt (the original: {DEFAULT_MAX_GENERATION_CALLS})",
+    )  # fmt: skip
+    sampling = gr.Radio(SAMPLING_CHOICES, value=base_config.sampling, label="Sampling")
+    temperature = gr.Slider(
+        0.05, 2.0, value=base_config.temperature, step=0.05, label="Temperature",
+        info="prose temperature under ATS (code stays greedy)",
+    )  # fmt: skip
+    max_pixels = gr.Slider(
+        DEFAULT_MIN_PIXELS, max(DEFAULT_MAX_PIXELS, base_config.max_pixels),
+        value=base_config.max_pixels, step=PIXEL_STEP,
+        label="Max pixels", info="per image the model sees (the sandbox always gets the original)",
+    )  # fmt: skip
+    show_reasoning = gr.Checkbox(value=True, label="Show reasoning")
+    return [max_calls, sampling, temperature, max_pixels, show_reasoning]
+
+
 def build_demo(
     agent_factory: AgentFactory,
     *,
@@ -327,24 +349,8 @@ def build_demo(
                 if examples:
                     gr.Examples(examples=[[example] for example in examples], inputs=[chat_input], label="Example")
             with gr.Column(scale=1), gr.Accordion("Settings", open=True):
-                max_calls = gr.Slider(
-                    1, max(MAX_GENERATION_CALLS_LIMIT, base_config.max_generation_calls),
-                    value=base_config.max_generation_calls, step=1,
-                    label="Max generation calls", info=f"per attempt (the original: {DEFAULT_MAX_GENERATION_CALLS})",
-                )  # fmt: skip
-                sampling = gr.Radio(SAMPLING_CHOICES, value=base_config.sampling, label="Sampling")
-                temperature = gr.Slider(
-                    0.05, 2.0, value=base_config.temperature, step=0.05, label="Temperature",
-                    info="prose temperature under ATS (code stays greedy)",
-                )  # fmt: skip
-                max_pixels = gr.Slider(
-                    DEFAULT_MIN_PIXELS, max(DEFAULT_MAX_PIXELS, base_config.max_pixels),
-                    value=base_config.max_pixels, step=PIXEL_STEP,
-                    label="Max pixels", info="per image the model sees (the sandbox always gets the original)",
-                )  # fmt: skip
-                show_reasoning = gr.Checkbox(value=True, label="Show reasoning")
-
-        settings = [max_calls, sampling, temperature, max_pixels, show_reasoning]
+                settings = _settings_panel(base_config)
+        show_reasoning = settings[-1]
         submitted = chat_input.submit(
             add_message, [chat_input, conversation, show_reasoning], [chatbot, chat_input, conversation]
         )
