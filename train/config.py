@@ -13,6 +13,7 @@ field                            default         original (rl.sh / .deepspeed_en
 num_generations                  4               4 rollouts per prompt
 learning_rate                    5e-7            5e-7, cosine_with_min_lr (min_lr_rate 0.1), warmup_ratio 0.03
 beta                             0.01            0.01 (the paper says KL 0.001)
+loss_type                        grpo            swift's grpo (mean per sequence, then over sequences)
 temperature/top_p/top_k          1.0/0.9/50      prose sampling; code spans greedy (ATS)
 repetition_penalty               1.05            1.05, also applied to the greedy code span
 max_generation_calls             5               GEN_ITER_LIMIT=5 (at most 2 executed code blocks + answer)
@@ -59,6 +60,10 @@ class ThymeGRPOConfig(GRPOConfig):
     learning_rate: float = field(default=5e-7, metadata={"help": "AdamW learning rate (original RL: 5e-7)."})
     num_generations: int | None = field(default=4, metadata={"help": "Rollouts per prompt, G (original: 4)."})
     beta: float = field(default=0.01, metadata={"help": "KL coefficient (original rl.sh: 0.01; paper: 0.001)."})
+    loss_type: str = field(
+        default="grpo",
+        metadata={"help": "TRL loss formulation; 'grpo' normalises per sequence as the original (swift) did."},
+    )
     temperature: float = field(
         default=1.0,
         metadata={"help": "Prose sampling temperature; also the temperature at which the loss scores every token."},

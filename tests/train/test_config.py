@@ -14,7 +14,7 @@ def _config(**overrides) -> ThymeGRPOConfig:
 
 def test_defaults_are_the_original_rl_settings():
     cfg = _config()
-    assert (cfg.num_generations, cfg.learning_rate, cfg.beta) == (4, 5e-7, 0.01)
+    assert (cfg.num_generations, cfg.learning_rate, cfg.beta, cfg.loss_type) == (4, 5e-7, 0.01, "grpo")
     assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty) == (1.0, 0.9, 50, 1.05)
     assert (cfg.max_generation_calls, cfg.max_new_tokens_per_call, cfg.max_pixels) == (5, 3196, 2408448)
     assert (cfg.accuracy_weight, cfg.consistency_weight, cfg.format_weight) == (1.0, 0.5, 0.5)
