@@ -14,6 +14,7 @@ Titles are plain text: emoji render as empty boxes where the browser has no emoj
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -72,6 +73,14 @@ def render_prose(text: str) -> str:
     return text.replace(THINK_OPEN, "").replace(THINK_CLOSE, "").strip()
 
 
+def fenced(text: str, language: str) -> str:
+    """A Markdown code block around ``text``, its fence longer than any backtick run inside (CommonMark's rule), so
+    model code or output that itself contains a fence cannot end the block early."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
+
+
 def render_code(code: str, step: int, *, running: bool = False) -> gr.ChatMessage:
     """A collapsible message showing one code block as highlighted Python.
 
@@ -83,7 +92,7 @@ def render_code(code: str, step: int, *, running: bool = False) -> gr.ChatMessag
     metadata = {"title": (RUNNING_TITLE if running else CODE_TITLE).format(step=step)}
     if running:
         metadata["status"] = _PENDING
-    return gr.ChatMessage(content=f"```python\n{code}\n```", metadata=metadata)
+    return gr.ChatMessage(content=fenced(code, "python"), metadata=metadata)
 
 
 def render_sandbox_output(output: SandboxOutput, step: int) -> gr.ChatMessage:
@@ -93,13 +102,13 @@ def render_sandbox_output(output: SandboxOutput, step: int) -> gr.ChatMessage:
     """
     if output.error and not output.images:
         return gr.ChatMessage(
-            content=f"```text\n{output.error}\n```",
+            content=fenced(output.error, "text"),
             metadata={"title": ERROR_TITLE.format(step=step), "status": _DONE},
         )
     title = RESULT_TITLE.format(step=step)
     if not output.images:
         text = output.shown_text.strip() or "(the code printed nothing)"
-        return gr.ChatMessage(content=f"```text\n{text}\n```", metadata={"title": title})
+        return gr.ChatMessage(content=fenced(text, "text"), metadata={"title": title})
     content: list = [{"path": path} for path in output.images]
     return gr.ChatMessage(content=content, metadata={"title": title})
 
@@ -243,6 +252,7 @@ class TurnView:
 __all__ = [
     "ANSWER_HEADING",
     "TurnView",
+    "fenced",
     "render_answer",
     "render_code",
     "render_problem",

@@ -9,6 +9,7 @@ import gradio as gr
 import pytest
 
 from tests.fixtures.demo_app import free_port
+from tests.fixtures.openai_server import SERVED_MODEL_NAME
 from thyme.agent import ThymeAgent
 from thyme.backends.openai_compat import OpenAIBackend
 from thyme.backends.scripted import ScriptedBackend
@@ -186,4 +187,18 @@ def test_demo_runs_the_tiny_model_through_the_real_path(tiny_model_dir: Path, ui
     assert generation.token_ids and len(generation.token_ids) <= 8  # the tiny model really generated
     assert chat[0].role == "user" and chat[0].content == {"path": str(example_image)}
     # Random weights never write an answer tag: the chat says so instead of stopping silently.
+    assert chat[-1].metadata["title"] == "No answer"
+
+
+@pytest.mark.slow
+def test_demo_runs_an_openai_compatible_endpoint(tiny_openai_server, ui_sandbox, example_image):
+    backend = OpenAIBackend(tiny_openai_server.url, model=SERVED_MODEL_NAME)
+    base = AgentConfig(max_new_tokens=8, max_attempts=1, use_fallback=False)
+    chat, conversation, _ = _run(shared_agent_factory(backend, ui_sandbox), None, "plate?", example_image,
+                                 (1, "greedy", 1.0, 3136 * 4, True), base)  # fmt: skip
+    request = tiny_openai_server.requests[-1]
+    assert request["model"] == SERVED_MODEL_NAME and request["max_tokens"] == 8
+    image_items = [p for p in request["messages"][1]["content"] if p["type"] == "image_url"]
+    assert len(image_items) == 1 and image_items[0]["image_url"]["url"].startswith("data:image/")
+    assert conversation.trajectories()[0].generations  # the server's text is the trajectory's model text
     assert chat[-1].metadata["title"] == "No answer"

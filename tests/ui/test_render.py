@@ -90,6 +90,12 @@ def test_render_trajectory_finished_without_answer_says_so():
     assert last.content == MISSING_ANSWER and last.metadata["title"] == "No answer"
 
 
+def test_render_code_containing_a_fence_stays_one_block():
+    code = 'doc = """\n```python\nx\n```\n"""\nprint(doc)'
+    assert render.render_code(code, 1).content == f"````python\n{code}\n````"
+    assert render.fenced("a ````` b", "text") == "``````text\na ````` b\n``````"
+
+
 def test_render_prose_strips_think_tags_only():
     assert render.render_prose("<think>look at <b>x</b></think>\n") == "look at <b>x</b>"
 
