@@ -9,11 +9,11 @@ Two input shapes are accepted (thyme-reference.md section 4):
 
 Both become rows with TRL's conversational ``prompt`` (string contents; TRL inserts the image block itself), an
 ``image`` column holding the ABSOLUTE image path, ``question`` / ``solution`` for the rewards, and
-``prompt_question``: the question as the user turn shows it (options included), which the rollout loop renders into
-the official user template with the sandbox's image path. The rollout
-rewrites the user turn's ``User Image Path`` line to the path the sandbox gives the model, because released data
-points at the authors' machine (README section 2.3, issue #7). Every image path is
-checked before training starts, and one error lists all the missing ones.
+``prompt_question``: the question as the user turn shows it (options included). The rollout loop renders it into
+the official system prompt and user template with the path the sandbox gives the model, so a ``User Image Path``
+line of released data, which points at the authors' machine (README section 2.3, issue #7), is dropped; a row's own
+system message is kept in ``prompt`` only, which TRL logs. Every image path is checked before training starts, and
+one error lists all the missing ones.
 
 Files: ``.jsonl`` (one row per line), ``.json`` (a list of rows, or one row), a directory of such files, or the name
 of a ``datasets`` dataset (loaded with :func:`datasets.load_dataset`).

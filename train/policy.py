@@ -17,6 +17,10 @@ probability 1) for them would make importance-sampling correction discard code-b
 With ``script`` set, the text of each call comes from another backend (a :class:`~thyme.backends.scripted.
 ScriptedBackend` replaying recorded code-writing text) and this one only tokenises and scores it: a random tiny model
 never writes code, so tests and dry runs force the text while the real model computes log-probs and the loss.
+
+Images are resized by the processor's own limits (the trainer sets them from ``min_pixels``/``max_pixels``), not by
+the ``min_pixels``/``max_pixels`` keys of the image items: TRL's loss forward runs the same image processor on the
+same PIL images, so rollout and loss see identical pixels.
 """
 
 from __future__ import annotations
@@ -112,10 +116,13 @@ class PolicyBackend:
     def start(self, messages: list[dict]) -> None:
         """Tokenises the prompt (system + user turn with its images); the first ``generate`` calls it."""
         prompt = [m for m in messages if m["role"] != "assistant"]
-        text = self._processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        # One (Rust) tokenizer serves every rollout thread, and concurrent use can fail ("Already borrowed").
+        with self._lock:
+            text = self._processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         images = [open_image(item["image"]) for m in prompt if isinstance(m["content"], list)
                   for item in m["content"] if item["type"] == "image"]  # fmt: skip
-        encoded = self._processor(text=[text], images=images or None, return_tensors="pt")
+        with self._lock:
+            encoded = self._processor(text=[text], images=images or None, return_tensors="pt")
         self.tokens = TrajectoryTokens(prompt_ids=encoded["input_ids"][0].tolist(), images=images)
         self._prompt_images = len(images)
         self._add_vision(encoded)
@@ -138,7 +145,8 @@ class PolicyBackend:
         paths = _IMAGE_SENTINEL_RE.findall(suffix)
         text = _IMAGE_SENTINEL_RE.sub(VISION_START + self._processor.image_token + VISION_END, suffix)
         images = [open_image(path) for path in paths]
-        encoded = self._processor(text=[text], images=images or None, return_tensors="pt")
+        with self._lock:
+            encoded = self._processor(text=[text], images=images or None, return_tensors="pt")
         ids = encoded["input_ids"][0].tolist()
         tokens = self.tokens
         start = len(tokens.completion_ids)
@@ -187,7 +195,8 @@ class PolicyBackend:
 
     def _score_script(self, messages, stop, sampling, budget) -> tuple[list[int], list[float], str, str]:
         forced = self._script.generate(messages, stop=stop, sampling=sampling)
-        ids = self._tokenizer(forced.text, add_special_tokens=False)["input_ids"]
+        with self._lock:
+            ids = self._tokenizer(forced.text, add_special_tokens=False)["input_ids"]
         if forced.finish_reason == FINISH_EOS:
             ids = [*ids, self._eos_id]  # a model ends its turn with <|im_end|>; the text never shows it
         ids = ids[:budget]
@@ -225,7 +234,8 @@ class PolicyBackend:
         new_ids = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
         raw = torch.stack(out.logits)[: len(new_ids), 0].float()  # logits BEFORE any sampling processor
         logprobs = torch.log_softmax(raw, dim=-1).gather(1, torch.tensor(new_ids, device=raw.device)[:, None])
-        text = self._tokenizer.decode(new_ids, skip_special_tokens=True)
+        with self._lock:
+            text = self._tokenizer.decode(new_ids, skip_special_tokens=True)
         hits = [text.find(s) + len(s) for s in stop if s in text]
         if hits:
             text, finish = text[: min(hits)], FINISH_STOP
