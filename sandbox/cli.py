@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 
-def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Adds the ``sandbox`` group to the ``thyme`` command."""
     group = commands.add_parser("sandbox", help="run model-written code in the sandbox (and serve it)",
                                 description="Run model-written Python safely, as the Thyme weights expect.")
@@ -19,7 +19,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return group
 
 
-def add_sandbox_commands(subcommands: argparse._SubParsersAction) -> None:
+def add_sandbox_commands(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds the sub-commands of ``thyme sandbox``; other modules add theirs to the same ``subcommands``."""
     run = subcommands.add_parser("run", help="run one code file against an image and print the result",
                                  description="Run CODE.py in a fresh sandbox session over the input image(s).")

@@ -297,7 +297,7 @@ def _pil_facade(paths: PathPolicy) -> ModuleFacade:
     def open_image(fp: Any, mode: str = "r", formats: Any = None) -> Any:
         if mode != "r":
             raise PolicyViolation("Image.open only reads (mode 'r')")
-        return Image.open(paths.readable_or_file(fp), mode, formats)
+        return Image.open(paths.readable_or_file(fp), "r", formats)
 
     def font_reader(function: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(function)

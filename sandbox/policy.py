@@ -24,9 +24,10 @@ from collections.abc import Callable
 from types import CodeType, ModuleType
 from typing import Any
 
-from RestrictedPython import compile_restricted_exec, limited_builtins, safe_builtins
+from RestrictedPython.compile import compile_restricted_exec
 from RestrictedPython.Eval import default_guarded_getitem, default_guarded_getiter
-from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
+from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence, safe_builtins
+from RestrictedPython.Limits import limited_builtins
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
 from thyme.sandbox.errors import PolicyViolation
@@ -90,9 +91,13 @@ class PrintCollector:
     def __call__(self, _getattr: Any = None) -> PrintCollector:
         return self  # RestrictedPython calls _print_(_getattr_) once per scope; every scope shares this buffer
 
-    def _call_print(self, *objects: Any, sep: str | None = " ", end: str | None = "\n", **_ignored: Any) -> None:
+    def _call_print(self, *objects: Any, sep: str | None = " ", end: str | None = "\n", file: Any = None,
+                    flush: bool = False) -> None:
         separator = " " if sep is None else str(sep)
         text = separator.join(str(obj) for obj in objects) + ("\n" if end is None else str(end))
+        if file is not None:  # print(..., file=f) with f from the confined open
+            file.write(text)
+            return
         room = self.limit - self.size
         if room > 0:
             self.parts.append(text[:room])
@@ -123,7 +128,8 @@ class _SafeFormatter(string.Formatter):
 def _formatter_field_name_split(field_name: str) -> tuple[Any, Any]:
     import _string
 
-    return _string.formatter_field_name_split(field_name)
+    first, rest = _string.formatter_field_name_split(field_name)
+    return first, rest
 
 
 def _confined_save(paths: PathPolicy, image: Any) -> Callable[..., Any]:
@@ -200,22 +206,23 @@ def _defining_library(obj: Any, name: str) -> str:
     sandbox-defined subclass of ``np.ndarray`` does not launder the inherited ``tofile``.
     """
     if isinstance(obj, super):
-        mro = obj.__self_class__.__mro__ if obj.__self_class__ is not None else ()
-        classes = mro[mro.index(obj.__thisclass__) + 1:] if obj.__thisclass__ in mro else mro
+        self_class, this_class = getattr(obj, "__self_class__"), getattr(obj, "__thisclass__")  # noqa: B009
+        mro = self_class.__mro__ if self_class is not None else ()
+        classes = mro[mro.index(this_class) + 1:] if this_class in mro else mro
     elif isinstance(obj, type):
         classes = obj.__mro__
     else:
         classes = type(obj).__mro__
     for cls in classes:
         if name in vars(cls):
-            return (getattr(cls, "__module__", None) or "").split(".")[0]
+            return str(getattr(cls, "__module__", None) or "").split(".")[0]
     return ""
 
 
 def _describe(obj: Any) -> str:
     if isinstance(obj, ModuleFacade):
-        return object.__getattribute__(obj, "_name")
-    return getattr(obj, "__name__", type(obj).__name__)
+        return str(object.__getattribute__(obj, "_name"))
+    return str(getattr(obj, "__name__", type(obj).__name__))
 
 
 def make_import(modules: dict[str, Any]) -> Callable[..., Any]:

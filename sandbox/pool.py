@@ -76,7 +76,7 @@ class WorkerPool:
     def wait_ready(self, timeout_s: float) -> bool:
         """Blocks until the pool holds ``size`` idle workers (benchmarks, tests); returns whether it does."""
         with self._condition:
-            return self._condition.wait_for(lambda: len(self._idle) >= self._size or self._closed, timeout_s)
+            return bool(self._condition.wait_for(lambda: len(self._idle) >= self._size or self._closed, timeout_s))
 
     def close(self) -> None:
         with self._condition:

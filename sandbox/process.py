@@ -158,4 +158,5 @@ def describe_exit(returncode: int | None) -> str:
         signal.SIGABRT: "it aborted (often a failed memory allocation in a C library)",
     }
     name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
-    return f"the sandbox process stopped with {name}: {reasons.get(number, 'killed by a signal')}"
+    reason = reasons.get(signal.Signals(number), "killed by a signal") if name != str(number) else "killed by a signal"
+    return f"the sandbox process stopped with {name}: {reason}"

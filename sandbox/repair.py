@@ -181,7 +181,7 @@ def _parses(code: str) -> bool:
 
 def _number(node: ast.expr) -> float | None:
     """The value of a numeric literal, including a negated one (the original missed ``-10``)."""
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         return float(node.value)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         inner = _number(node.operand)

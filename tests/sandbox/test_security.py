@@ -22,7 +22,7 @@ import pytest
 from thyme.sandbox import Limits, Sandbox, Session
 
 SECRET = "thyme-secret-" + uuid.uuid4().hex
-TIMEOUT_S = 4.0
+TIMEOUT_S = 2.5
 RETURN_MARGIN_S = 20.0  # "returned in time": generous, the CI machine is shared
 
 
