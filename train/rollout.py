@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -226,40 +226,42 @@ class BatchStats:
         )
 
 
+def sandbox_outcomes(samples: Sequence[RolloutSample]) -> tuple[int, int, list[str]]:
+    """(failed blocks, blocks, distinct error texts) of a batch's code blocks."""
+    outputs = [o for s in samples if s.trajectory is not None for o in s.trajectory.sandbox_outputs]
+    errors = [o.error for o in outputs if o.error]
+    return len(errors), len(outputs), list(dict.fromkeys(errors))
+
+
 class SandboxHealth:
-    """Fails fast when the share of failed code blocks over the last ``window`` blocks exceeds ``max_rate``.
+    """Fails fast when the share of failed code blocks over about the last ``window`` blocks exceeds ``max_rate``.
 
     A sandbox that cannot run anything (a missing module, a bad mount) gives every block an error; the model then
     learns that code never helps and RL quietly becomes tool-less training. Stopping with the last errors in the
-    message is cheaper than finding that out after the run.
+    message is cheaper than finding that out after the run. Counts come per batch (summed over processes by the
+    trainer, so every process takes the same decision); the window keeps whole batches.
     """
 
     def __init__(self, max_rate: float, window: int, min_blocks: int):
         self._max_rate = max_rate
         self._min_blocks = min_blocks
-        self._window: list[bool] = []
-        self._size = window
-        self._lock = threading.Lock()
+        self._window = window
+        self._batches: deque[tuple[int, int]] = deque()
 
-    def record(self, samples: Sequence[RolloutSample]) -> None:
-        """Adds a batch's code-block outcomes and raises when the recent error rate is too high.
+    def record(self, failed: int, total: int, errors: Sequence[str] = ()) -> None:
+        """Adds one batch's counts and raises when the recent error rate is too high.
 
         Raises:
-            SandboxErrorRateError: more than ``max_rate`` of the last blocks failed (the message quotes errors).
+            SandboxErrorRateError: more than ``max_rate`` of the recent blocks failed (the message quotes errors).
         """
-        errors: list[str] = []
-        with self._lock:
-            for sample in samples:
-                for output in sample.trajectory.sandbox_outputs if sample.trajectory is not None else []:
-                    self._window.append(output.error is not None)
-                    if output.error:
-                        errors.append(output.error)
-            del self._window[: max(0, len(self._window) - self._size)]
-            count, failed = len(self._window), sum(self._window)
-        if count >= self._min_blocks and failed / count > self._max_rate:
-            examples = "; ".join(dict.fromkeys(errors))[:600]
+        self._batches.append((failed, total))
+        while len(self._batches) > 1 and sum(t for _, t in self._batches) - self._batches[0][1] >= self._window:
+            self._batches.popleft()
+        bad, count = sum(f for f, _ in self._batches), sum(t for _, t in self._batches)
+        if count >= self._min_blocks and bad / count > self._max_rate:
+            examples = "; ".join(errors)[:600]
             raise SandboxErrorRateError(
-                f"{failed} of the last {count} code blocks failed in the sandbox ({failed / count:.0%} > "
+                f"{bad} of the last {count} code blocks failed in the sandbox ({bad / count:.0%} > "
                 f"max_sandbox_error_rate {self._max_rate:.0%}); recent errors: {examples or 'n/a'}. Check the "
                 "sandbox (thyme sandbox run) or raise max_sandbox_error_rate"
             )

@@ -46,6 +46,7 @@ from thyme.train.rollout import (
     RolloutSample,
     SandboxHealth,
     run_batch,
+    sandbox_outcomes,
 )
 
 logger = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class ThymeGRPOTrainer(GRPOTrainer):
                 workers=args.sandbox_workers,
             )
         self._log_batch(samples)
-        self._health.record(samples)
+        self._check_sandbox_health(samples)
         self._rollout_images = [s.tokens.images for s in samples]
         return {
             "prompt_ids": [s.tokens.prompt_ids for s in samples],
@@ -240,6 +241,13 @@ class ThymeGRPOTrainer(GRPOTrainer):
             "code_runs": [s.code_runs for s in samples],
             "code_errors": [s.code_errors for s in samples],
         }
+
+    def _check_sandbox_health(self, samples: list[RolloutSample]) -> None:
+        """Feeds the batch's code-block counts, summed over processes, to the fail-fast check (all ranks agree)."""
+        failed, total, errors = sandbox_outcomes(samples)
+        counts = torch.tensor([failed, total], device=self.accelerator.device)
+        failed, total = self.accelerator.gather(counts).view(-1, 2).sum(dim=0).tolist()
+        self._health.record(int(failed), int(total), errors)
 
     def _backend(self, model: Any) -> PolicyBackend:
         script = ScriptedBackend(self._script) if self._script is not None else None

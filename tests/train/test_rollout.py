@@ -95,24 +95,26 @@ def test_run_batch_keeps_a_failure_to_its_sample(tiny, sandbox, readme_example, 
     assert all(s.sandbox_wait_s > 0 for s in (samples[0], samples[2]))
 
 
-def _sample_with_outputs(*errors):
+def test_sandbox_outcomes_counts_blocks_and_distinct_errors():
     from thyme.train.policy import TrajectoryTokens
-    from thyme.train.rollout import RolloutSample
+    from thyme.train.rollout import RolloutSample, sandbox_outcomes
 
-    trajectory = Trajectory("sys", "q", ["/x.jpg"], [SandboxOutput(error=e) if e else SandboxOutput(text="ok")
-                                                     for e in errors])  # fmt: skip
-    return RolloutSample(TrajectoryTokens([1]), trajectory, "answer", code_runs=len(errors))
+    outputs = [SandboxOutput(error="Sandbox for 1: NameError"), SandboxOutput(text="ok"),
+               SandboxOutput(error="Sandbox for 1: NameError"), SandboxOutput(images=["/a.png"])]  # fmt: skip
+    sample = RolloutSample(TrajectoryTokens([1]), Trajectory("sys", "q", ["/x.jpg"], outputs), "answer")
+    failed = RolloutSample(TrajectoryTokens([1]), None, STOP_FAILED)
+    assert sandbox_outcomes([sample, failed]) == (2, 4, ["Sandbox for 1: NameError"])
 
 
 def test_sandbox_health_waits_for_enough_blocks_then_fails_fast():
     health = SandboxHealth(max_rate=0.5, window=4, min_blocks=3)
-    health.record([_sample_with_outputs("Sandbox for 1: NameError")])  # 100%, but 1 block is too few to judge
-    health.record([_sample_with_outputs(None, None, None)])  # window E ok ok ok: 25%
-    health.record([_sample_with_outputs("Sandbox for 2: NameError", "Sandbox for 3: NameError")])  # ok ok E E: 50%
+    health.record(1, 1, ["Sandbox for 1: NameError"])  # 100%, but 1 block is too few to judge
+    health.record(0, 3)  # 1 of 4
+    health.record(2, 2, ["Sandbox for 2: NameError"])  # the oldest batch leaves (4 newer blocks remain): 2 of 5
     with pytest.raises(SandboxErrorRateError) as info:
-        health.record([_sample_with_outputs("Sandbox for 4: ImportError")])  # ok E E E: 75%
+        health.record(2, 3, ["Sandbox for 4: ImportError"])  # the 3 clean blocks leave: 4 of 5
     message = str(info.value)
-    assert message.startswith("3 of the last 4 code blocks failed in the sandbox (75% > max_sandbox_error_rate 50%)")
+    assert message.startswith("4 of the last 5 code blocks failed in the sandbox (80% > max_sandbox_error_rate 50%)")
     assert "recent errors: Sandbox for 4: ImportError." in message
 
 
