@@ -6,7 +6,6 @@ code took over could send a malicious pickle.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -15,8 +14,6 @@ from thyme.sandbox.facades import PathPolicy, build_modules, confined_open
 from thyme.sandbox.limits import Limits
 from thyme.sandbox.policy import PrintCollector, compile_code, make_globals
 from thyme.sandbox.repair import RepairConfig, RepairContext, repair_source
-
-logger = logging.getLogger(__name__)
 
 PRESEEDED_MODULES = {"os": "os", "random": "random", "string": "string", "math": "math", "json": "json", "re": "re",
                      "cv2": "cv2", "np": "numpy", "numpy": "numpy"}
@@ -75,11 +72,12 @@ class CodeRunner:
         before = self.namespace.get("processed_path")
         context = RepairContext(input_path=self.copies[0], image_size=self.image_size,
                                 scratch_dir=self.paths.scratch, is_known_file=self._is_known_file)
-        source, notes = repair_source(code, self.repairs, context)
-        for note in notes:
-            logger.debug("repair: %s", note)
+        notes: list[str] = []
         error = None
         try:
+            # Repairs and compiling are inside the try: pathological code (1000 nested brackets) makes `ast` raise
+            # RecursionError or MemoryError, which is the code's error, not the worker's.
+            source, notes = repair_source(code, self.repairs, context)
             exec(compile_code(source), self.namespace)  # noqa: S102 - compiled under the RestrictedPython policy
         except SyntaxError as exc:
             error = f"Code execution failed due to SyntaxError: {exc}"

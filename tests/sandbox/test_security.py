@@ -342,6 +342,7 @@ BOMBS = {
     "huge_string": "s = 'x' * (10 ** 11)",
     "gradual_memory": "a = []\nwhile True:\n    a.append(bytearray(10 ** 7))",
     "deep_recursion": "def f(n):\n    return f(n + 1)\nf(0)",
+    "deeply_nested_source": "x = " + "[" * 5000 + "]" * 5000,
     "fork_bomb": "import os\nwhile True:\n    os.fork()",
     "print_flood": "while True:\n    print('flood' * 1000)",
     "huge_image_write": "import numpy as np, cv2\nok = cv2.imwrite('big.png', np.zeros((3000, 3000), np.uint8))",
