@@ -60,9 +60,9 @@ STOP_REASON_TEXT = {
     STOP_REPETITION: "the model kept repeating itself until the token limit.",
     STOP_MALFORMED_CODE: "the model closed a code block that was not a complete <code> block.",
 }
-# Status values of Gradio's MetadataDict: "pending" shows a spinner, "done" closes the accordion.
+# Gradio's MetadataDict status "pending" shows a spinner on the title. No status leaves the message open: errors and
+# notes must be readable without a click ("done" would fold them away).
 _PENDING = "pending"
-_DONE = "done"
 
 
 def render_prose(text: str) -> str:
@@ -103,7 +103,7 @@ def render_sandbox_output(output: SandboxOutput, step: int) -> gr.ChatMessage:
     if output.error and not output.images:
         return gr.ChatMessage(
             content=fenced(output.error, "text"),
-            metadata={"title": ERROR_TITLE.format(step=step), "status": _DONE},
+            metadata={"title": ERROR_TITLE.format(step=step)},
         )
     title = RESULT_TITLE.format(step=step)
     if not output.images:
@@ -116,13 +116,13 @@ def render_sandbox_output(output: SandboxOutput, step: int) -> gr.ChatMessage:
 def render_answer(answer: str | None) -> gr.ChatMessage:
     """The final answer, set apart from the reasoning; a trajectory that ended without one says so."""
     if answer is None:
-        return gr.ChatMessage(content=MISSING_ANSWER, metadata={"title": NO_ANSWER_TITLE, "status": _DONE})
+        return gr.ChatMessage(content=MISSING_ANSWER, metadata={"title": NO_ANSWER_TITLE})
     return gr.ChatMessage(content=f"{ANSWER_HEADING}\n\n{answer}")
 
 
 def render_problem(message: str) -> gr.ChatMessage:
     """A readable error in the chat (bad input, unreachable backend, model failure); the app keeps serving."""
-    return gr.ChatMessage(content=message, metadata={"title": PROBLEM_TITLE, "status": _DONE})
+    return gr.ChatMessage(content=message, metadata={"title": PROBLEM_TITLE})
 
 
 def render_trajectory(
@@ -230,14 +230,10 @@ class TurnView:
             messages.extend(render_trajectory(trajectory, show_reasoning=show_reasoning, running_code=running))
             if reason in STOP_REASON_TEXT:
                 title = FALLBACK_FAILED_TITLE if self.fallback[index] else RETRY_TITLE.format(attempt=index + 1)
-                messages.append(
-                    gr.ChatMessage(content=STOP_REASON_TEXT[reason], metadata={"title": title, "status": _DONE})
-                )
+                messages.append(gr.ChatMessage(content=STOP_REASON_TEXT[reason], metadata={"title": title}))
         if self.result is None:
             if self.stopped:
-                messages.append(
-                    gr.ChatMessage(content=STOPPED_TEXT, metadata={"title": STOPPED_TITLE, "status": _DONE})
-                )
+                messages.append(gr.ChatMessage(content=STOPPED_TEXT, metadata={"title": STOPPED_TITLE}))
             elif not self.running_code:
                 messages.append(
                     gr.ChatMessage(content=THINKING_TEXT, metadata={"title": THINKING_TITLE, "status": _PENDING})

@@ -79,6 +79,10 @@ def test_browser_page_shows_code_crop_and_answer(page, scripted_url, example_ima
 
 def test_browser_example_fills_the_input_with_the_readme_photo_and_question(page, scripted_url):
     page.goto(scripted_url)
+    page.locator("textarea").first.fill("What is in the picture?")
+    page.keyboard.press("Enter")
+    sync_api.expect(page.get_by_text("No image yet: upload or paste an image")).to_be_visible()  # not folded away
+    sync_api.expect(page.locator("textarea").first).to_be_enabled()
     page.get_by_text("Question: What is the plate number of the blue car").click()
     sync_api.expect(page.locator("textarea").first).to_have_value(EXAMPLE_QUESTION)
     sync_api.expect(page.locator("img[src*='17127.jpg']").first).to_be_visible()  # the photo is attached

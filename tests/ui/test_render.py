@@ -68,7 +68,7 @@ def test_render_trajectory_running_code_shows_spinner_on_last_block_only():
 def test_render_sandbox_error_is_marked_as_error():
     output = SandboxOutput(error="Sandbox for 17127: NameError: name 'imgg' is not defined")
     message = render.render_sandbox_output(output, 2)
-    assert message.metadata == {"title": "Sandbox error (step 2)", "status": "done"}
+    assert message.metadata == {"title": "Sandbox error (step 2)"}  # open: an error is read without a click
     assert "NameError: name 'imgg' is not defined" in message.content
 
 
