@@ -46,6 +46,16 @@ def test_cli_demo_unreadable_script_is_one_line_error(capsys, tmp_path):
     assert capsys.readouterr().err.startswith(f"thyme: error: cannot read script {script}")
 
 
+def test_cli_demo_registration_does_not_import_gradio():
+    code = (
+        "import sys, thyme.ui\n"
+        "from thyme.cli import build_parser\n"
+        "build_parser().parse_args(['demo'])\n"
+        "assert 'gradio' not in sys.modules, 'thyme --help must not pay for importing gradio'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 @pytest.mark.slow
 def test_cli_demo_command_serves_the_scripted_demo():
     port = free_port()
