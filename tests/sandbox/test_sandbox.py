@@ -310,3 +310,22 @@ def test_worker_dying_while_reading_the_input_is_an_input_error(small_image: Pat
             assert session.run("print(1)").error == result.error  # no new worker is thrown at the same input
     finally:
         shutil.rmtree(root)
+
+
+def test_sessions_run_concurrently_from_threads(sandbox: Sandbox, small_image: Path) -> None:
+    results: dict[int, object] = {}
+
+    def work(value: int) -> None:
+        with sandbox.session(image=str(small_image), item_id=str(value)) as session:
+            code = (f"import numpy as np, cv2\nv = {value}\nimport time\ntime.sleep(0.2)\n"
+                    "cv2.imwrite('/mnt/data/temp_processed_images/v.png', np.full((8, 8), v, np.uint8))\n"
+                    "print('/mnt/data/temp_processed_images/v.png')")
+            result = session.run(code)
+            results[value] = (result.ok, int(cv2.imread(result.images[0], cv2.IMREAD_GRAYSCALE)[0, 0]))
+
+    threads = [threading.Thread(target=work, args=(value,)) for value in (10, 20, 30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == {10: (True, 10), 20: (True, 20), 30: (True, 30)}
