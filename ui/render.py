@@ -34,7 +34,7 @@ from thyme.loop import (
     SandboxFinished,
     TextGenerated,
 )
-from thyme.protocol import MISSING_ANSWER, THINK_CLOSE, THINK_OPEN
+from thyme.protocol import ANSWER_OPEN, CODE_CLOSE, CODE_OPEN, MISSING_ANSWER, THINK_CLOSE, THINK_OPEN
 from thyme.trajectory import Answer, Code, Prose, SandboxOutput, Trajectory
 
 CODE_TITLE = "Python code (step {step})"
@@ -52,13 +52,14 @@ STOPPED_TITLE = "Stopped"
 STOPPED_TEXT = "You stopped this run; the model did not finish."
 FALLBACK_TITLE = "Asking once more with the plain fallback prompt"
 FALLBACK_TEXT = "No attempt ended with an answer, so the model is asked once more to answer directly, without code."
-# Why an attempt ended without an answer, in the user's words (the loop's STOP_* reasons).
+# Why an attempt ended without an answer, in the user's words (the loop's STOP_* reasons); tags in backticks, since
+# the chat's Markdown would drop them as unknown HTML.
 STOP_REASON_TEXT = {
-    STOP_EOS: "the model ended its turn without an <answer>.",
+    STOP_EOS: f"the model ended its turn without an `{ANSWER_OPEN}`.",
     STOP_EMPTY: "the model returned no text.",
     STOP_BUDGET: "the budget of generation calls was used up (raise 'Max generation calls' in the settings).",
     STOP_REPETITION: "the model kept repeating itself until the token limit.",
-    STOP_MALFORMED_CODE: "the model closed a code block that was not a complete <code> block.",
+    STOP_MALFORMED_CODE: f"the model wrote `{CODE_CLOSE}` without a complete `{CODE_OPEN}` block before it.",
 }
 # Gradio's MetadataDict status "pending" shows a spinner on the title. No status leaves the message open: errors and
 # notes must be readable without a click ("done" would fold them away).

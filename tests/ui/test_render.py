@@ -154,7 +154,7 @@ def test_turn_view_failed_attempt_then_fallback_answer():
     assert _titles(messages) == [
         None, "Attempt 1 ended without an answer", "Asking once more with the plain fallback prompt", None, None,
     ]  # fmt: skip
-    assert messages[1].content == "the model ended its turn without an <answer>."
+    assert messages[1].content == "the model ended its turn without an `<answer>`."
     assert messages[-1].content == "### Answer\n\nIt is the blue car."  # from the result: the reply had no tags
 
 
