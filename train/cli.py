@@ -84,7 +84,7 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: Sequence[str] | None):
+def parse_config(argv: Sequence[str] | None) -> tuple[RLDataArguments, Any, Any]:
     """Parses ``CONFIG.yaml [--override ...]`` into (RLDataArguments, ThymeGRPOConfig, ModelConfig).
 
     Raises:
@@ -115,7 +115,7 @@ def parse_config(argv: Sequence[str] | None):
     return data_args, config, model_config
 
 
-def _resume_path(config) -> str | None:
+def _resume_path(config: Any) -> str | None:
     value = config.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "none", ""):
         return None
@@ -131,7 +131,7 @@ def _resume_path(config) -> str | None:
     return str(value)
 
 
-def train(data_args: RLDataArguments, config, model_config) -> Path:
+def train(data_args: RLDataArguments, config: Any, model_config: Any) -> Path:
     """Loads data and model, trains, saves the final model and processor to ``output_dir``; returns it."""
     from trl import get_peft_config
 

@@ -160,7 +160,9 @@ def check_images(rows: list[dict[str, Any]]) -> None:
     )
 
 
-def load_rl_dataset(source: str | Path, *, split: str = "train", image_root: str | Path | None = None):
+def load_rl_dataset(
+    source: str | Path, *, split: str = "train", image_root: str | Path | None = None
+) -> Any:  # datasets.Dataset (imported lazily)
     """Loads an RL dataset as a ``datasets.Dataset`` of TRL rows, with every image path checked.
 
     Args:

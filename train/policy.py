@@ -29,6 +29,7 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -89,14 +90,14 @@ class PolicyBackend:
 
     def __init__(
         self,
-        model,
-        processor,
+        model: Any,
+        processor: Any,
         *,
         lock: threading.Lock,
         script: Backend | None = None,
         max_completion_tokens: int | None = None,
         sampling_override: SamplingParams | None = None,
-    ):
+    ) -> None:
         self._model = model
         self._processor = processor
         self._tokenizer = processor.tokenizer
