@@ -21,6 +21,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +152,7 @@ class Judge:
         api_key: sent as the bearer token (``"EMPTY"`` for an open vLLM server).
         timeout_s: per-request timeout.
         max_tries: tries per question; a question never answered with parseable JSON counts as 0, as the original.
+        max_concurrency: questions of one batch asked at once (a vLLM judge batches them).
     """
 
     base_url: str
@@ -160,6 +162,7 @@ class Judge:
     max_tries: int = 3
     temperature: float = 0.1
     max_tokens: int = 256
+    max_concurrency: int = 16
 
     def __post_init__(self) -> None:
         from openai import OpenAI
@@ -186,6 +189,14 @@ class Judge:
                 return value
             logger.warning("judge reply without a parseable %r (try %d/%d)", key, attempt, self.max_tries)
         return 0.0
+
+
+    def flags(self, prompts: Sequence[str], key: str) -> list[float]:
+        """:meth:`flag` for many prompts, ``max_concurrency`` at a time; results in prompt order."""
+        if len(prompts) <= 1:
+            return [self.flag(prompt, key) for prompt in prompts]
+        with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="thyme-judge") as pool:
+            return list(pool.map(lambda prompt: self.flag(prompt, key), prompts))
 
 
 def _parse_flag(reply: str, key: str) -> float | None:
@@ -220,19 +231,19 @@ def make_accuracy_reward(judge: Judge | None = None) -> RewardFunc:
         # The question as shown to the model carries the options the letter refers to (a raw question may not).
         shown = _column(kwargs, "prompt_question", len(completions))
         scores: list[float | None] = []
-        for completion, sol, question, options in zip(completions, solution, questions, shown, strict=True):
+        to_judge: dict[int, str] = {}
+        for index, (completion, sol, question, options) in enumerate(
+            zip(completions, solution, questions, shown, strict=True)
+        ):
             answer = extract_answer(completion_text(completion))
-            if not answer:
-                scores.append(0.0)
-                continue
             reference = reference_answer(sol)
-            if rule_match(answer, reference, options or question):
-                scores.append(1.0)
-            elif judge is not None:
-                prompt = CORRECTNESS_PROMPT.format(question=question, reference=reference, answer=answer)
-                scores.append(judge.flag(prompt, "Correctness"))
-            else:
-                scores.append(0.0)
+            matched = bool(answer) and rule_match(answer, reference, options or question)
+            scores.append(1.0 if matched else 0.0)
+            if answer and not matched and judge is not None:
+                to_judge[index] = CORRECTNESS_PROMPT.format(question=question, reference=reference, answer=answer)
+        if to_judge:
+            for index, flag in zip(to_judge, judge.flags(list(to_judge.values()), "Correctness"), strict=True):
+                scores[index] = flag
         accuracy_reward.last_scores = (id(completions), list(scores))
         return scores
 
@@ -251,16 +262,16 @@ def make_consistency_reward(accuracy: RewardFunc, judge: Judge | None) -> Reward
         if batch_id != id(completions):
             acc = accuracy(completions, solution, **kwargs)
         questions = _column(kwargs, "question", len(completions))
-        scores: list[float | None] = []
-        for completion, correct, question in zip(completions, acc, questions, strict=True):
-            if not correct:
-                scores.append(0.0)
-                continue
-            text = completion_text(completion)
-            prompt = CONSISTENCY_PROMPT.format(
-                question=question, reasoning=reasoning_tail(text), answer=extract_answer(text) or ""
-            )
-            scores.append(judge.flag(prompt, "Consistency"))
+        scores: list[float | None] = [0.0] * len(completions)
+        to_judge: dict[int, str] = {}
+        for index, (completion, correct, question) in enumerate(zip(completions, acc, questions, strict=True)):
+            if correct:
+                text = completion_text(completion)
+                to_judge[index] = CONSISTENCY_PROMPT.format(
+                    question=question, reasoning=reasoning_tail(text), answer=extract_answer(text) or ""
+                )
+        for index, flag in zip(to_judge, judge.flags(list(to_judge.values()), "Consistency"), strict=True):
+            scores[index] = flag
         return scores
 
     return consistency_reward

@@ -102,19 +102,20 @@ def test_thyme_reward_weights_are_the_originals():
 
 @pytest.fixture
 def judge_server():
-    """A loopback OpenAI-compatible server that answers every judge question from a queue of replies."""
+    """A loopback OpenAI-compatible server; ``answer(prompt)`` decides each reply (questions may arrive at once)."""
     from fastapi import FastAPI
 
     from tests.fixtures.openai_server import serve
 
-    replies: list[str] = []
     prompts: list[str] = []
+    state = {"answer": lambda prompt: "no json here"}
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
     def chat(body: dict) -> dict:
-        prompts.append(body["messages"][-1]["content"])
-        content = replies.pop(0) if replies else "no json here"
+        prompt = body["messages"][-1]["content"]
+        prompts.append(prompt)
+        content = state["answer"](prompt)
         return {
             "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
@@ -122,34 +123,46 @@ def judge_server():
         }  # fmt: skip
 
     with serve(app) as url:
-        yield url + "/v1", replies, prompts
+        yield url + "/v1", state, prompts
+
+
+def _judge_reply(prompt: str) -> str:
+    if "Correctness" in prompt:
+        return '{"Correctness": 1}' if "a saloon car" in prompt else 'Sure: {"Correctness": 0}'
+    return '{"Consistency": 1}'
 
 
 def test_judge_decides_what_the_rules_cannot_and_gates_consistency(judge_server):
-    url, replies, prompts = judge_server
+    url, state, prompts = judge_server
+    state["answer"] = _judge_reply
     judge = Judge(url, "judge", max_tries=2)
     accuracy, consistency, fmt = make_thyme_rewards(judge)
     completions = [
         _message("<think>it is a sedan</think>\n<answer>a saloon car</answer>"),  # rules fail, judge says 1
         _message("<think>it is a truck</think>\n<answer>a truck</answer>"),  # rules fail, judge says 0
+        _message("<think>it is a sedan</think>\n<answer>Sedan.</answer>"),  # rules match: no judge call
+        _message("<think>no answer</think>"),  # no answer: 0, no judge call
     ]
-    replies.extend(['{"Correctness": 1}', 'Sure: {"Correctness": 0}', '{"Consistency": 1}'])
-    kwargs = {"solution": ["sedan", "sedan"], "question": ["What car is it?"] * 2}
+    kwargs = {"solution": ["sedan"] * 4, "question": ["What car is it?"] * 4}
     acc = accuracy(completions, **kwargs)
     cst = consistency(completions, **kwargs)
-    assert acc == [1.0, 0.0]
-    assert cst == [1.0, 0.0]  # asked only for the correct answer
-    assert len(prompts) == 3 and "Reference answer: sedan" in prompts[0] and "it is a sedan" in prompts[2]
+    assert acc == [1.0, 0.0, 1.0, 0.0]
+    assert cst == [1.0, 0.0, 1.0, 0.0]  # asked only for the correct answers
+    correctness = [p for p in prompts if "Correctness" in p]
+    consistency_asked = [p for p in prompts if "Consistency" in p]
+    assert len(correctness) == 2 and all("Reference answer: sedan" in p for p in correctness)
+    assert len(consistency_asked) == 2 and all("it is a sedan" in p for p in consistency_asked)
     # What TRL sums with reward_weights: acc + 0.5*acc*consistency + 0.5*format.
     weights = thyme_reward_weights(1.0, 0.5, 0.5)
     parts = zip(acc, cst, fmt(completions), strict=True)
     combined = [weights[0] * a + weights[1] * c + weights[2] * f for a, c, f in parts]
-    assert combined == [2.0, 0.5]
+    assert combined == [2.0, 0.5, 2.0, 0.0]
 
 
 def test_judge_without_parseable_json_counts_as_wrong(judge_server):
-    url, replies, prompts = judge_server
+    url, state, prompts = judge_server
+    replies = iter(["maybe", "{bad json}", '{"Correctness": 7}'])
+    state["answer"] = lambda prompt: next(replies)
     judge = Judge(url, "judge", max_tries=3)
-    replies.extend(["maybe", "{bad json}", '{"Correctness": 7}'])
     assert judge.flag("q", "Correctness") == 0.0
     assert len(prompts) == 3
