@@ -30,6 +30,7 @@ def test_bench_synth_then_eval_scripted(tmp_path: Path, capsys: pytest.CaptureFi
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["backend"] == "scripted" and results["thyme_version"]
     assert results["agent_config"]["max_attempts"] == 1 and results["agent_config"]["sampling"] == "greedy"
+    assert results["dataset"] == str(data.resolve())
     assert main([*argv, "--no-progress"]) == 0  # resumed: nothing left to run
     assert "4 resumed" in capsys.readouterr().out
 

@@ -48,6 +48,11 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-fallback", action="store_true", help="do not ask the plain fallback prompt")
     parser.add_argument("--hide-sandbox-errors", action="store_true", help="drop failed code blocks (original eval)")
+    parser.add_argument(
+        "--eval-image-quirk",
+        action="store_true",
+        help="keep the official eval's literal '<image>' after the vision block (parity with the paper's numbers)",
+    )
     parser.add_argument("--min-pixels", type=int, default=3136, help="min pixels per image for the model")
     parser.add_argument("--max-pixels", type=int, default=12_845_056, help="max pixels per image for the model")
     parser.add_argument("--sandbox-timeout-s", type=float, default=10.0, help="seconds per code block (10)")
@@ -144,6 +149,7 @@ def _agent_config(args: argparse.Namespace) -> Any:
         max_attempts=args.max_attempts,
         use_fallback=not args.no_fallback,
         show_sandbox_errors=not args.hide_sandbox_errors,
+        eval_image_quirk=args.eval_image_quirk,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         sandbox_timeout_s=args.sandbox_timeout_s,

@@ -337,7 +337,7 @@ def run_evaluation(
     predictions = [recorded[item.index] for item in items]
     metrics = compute_metrics(predictions)
     info = {
-        "dataset": str(data),
+        "dataset": str(Path(data).resolve()),
         "mode": config.mode,
         "rows": len(items),
         "thyme_version": thyme.__version__,
