@@ -312,6 +312,7 @@ def build_demo(
     base_config: AgentConfig | None = None,
     examples: list[dict] | None = None,
     description: str = "",
+    concurrency_limit: int = 1,
 ) -> gr.Blocks:
     """Builds the demo.
 
@@ -322,6 +323,8 @@ def build_demo(
         base_config (`AgentConfig`, *optional*): settings the panel does not expose (tokens per call, attempts...).
         examples (`list[dict]`, *optional*): example inputs, each ``{"text": question, "files": [image_path]}``.
         description (`str`, defaults to `""`): Markdown under the title (e.g. which backend answers).
+        concurrency_limit (`int`, defaults to `1`): questions answered at the same time; the others queue. 1 suits
+            one local model on one GPU; a server that batches (vLLM) or a replay can take more.
 
     Returns:
         `gr.Blocks`: call ``.queue().launch(...)`` on it. Endpoints: ``/add_message`` then ``/bot_response``.
@@ -355,7 +358,11 @@ def build_demo(
             add_message, [chat_input, conversation, show_reasoning], [chatbot, chat_input, conversation]
         )
         running = submitted.then(
-            bot_response, [conversation, *settings], [chatbot, conversation, download], api_name="bot_response"
+            bot_response,
+            [conversation, *settings],
+            [chatbot, conversation, download],
+            api_name="bot_response",
+            concurrency_limit=concurrency_limit,
         )
         running.then(unlock_input, None, chat_input, api_visibility="private")
         stop.click(stop_run, [conversation, show_reasoning], [chatbot, chat_input], cancels=[running], api_name="stop")

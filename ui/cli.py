@@ -8,6 +8,9 @@ from typing import Any
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+# Questions answered at once with --endpoint or a replay (the server batches; a replay costs nothing). A local model
+# answers one at a time: two generate calls on one GPU would only compete for its memory.
+SHARED_SERVER_CONCURRENCY = 8
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -87,7 +90,11 @@ def run_demo(args: argparse.Namespace) -> int:
         else:
             factory = shared_agent_factory(backend, sandbox)
         demo = build_demo(
-            factory, base_config=base_config, examples=[readme_example()], description=_description(args, script)
+            factory,
+            base_config=base_config,
+            examples=[readme_example()],
+            description=_description(args, script),
+            concurrency_limit=1 if args.model else SHARED_SERVER_CONCURRENCY,
         )
         try:
             demo.queue().launch(

@@ -30,6 +30,7 @@ def scripted_url(ui_sandbox: Sandbox) -> Iterator[str]:
         base_config=AgentConfig(max_input_pixels=TEST_MAX_INPUT_PIXELS),
         examples=[readme_example()],
         description=scripted_description(README_SCRIPT),
+        concurrency_limit=4,  # tabs really run at the same time (the two-tab test)
     )
     with serving(demo) as url:
         yield url
