@@ -198,9 +198,16 @@ class PolicyBackend:
         forced = self._script.generate(messages, stop=stop, sampling=sampling)
         with self._lock:
             ids = self._tokenizer(forced.text, add_special_tokens=False)["input_ids"]
-        if forced.finish_reason == FINISH_EOS:
+        text, finish = forced.text, forced.finish_reason
+        if finish == FINISH_EOS:
             ids = [*ids, self._eos_id]  # a model ends its turn with <|im_end|>; the text never shows it
-        ids = ids[:budget]
+        if len(ids) > budget:  # the completion cap is in real tokens: cut the script there, as a model would stop
+            ids = ids[:budget]
+            with self._lock:
+                text = self._tokenizer.decode(ids, skip_special_tokens=True)
+            finish = FINISH_LENGTH
+        if not ids:
+            return [], [], text, finish
         inputs = self._model_inputs()
         full = torch.cat([inputs["input_ids"], torch.tensor([ids], device=self._model.device)], dim=1)
         inputs["input_ids"], inputs["attention_mask"] = full, torch.ones_like(full)
@@ -210,7 +217,7 @@ class PolicyBackend:
         with self._lock, torch.no_grad():
             logits = self._model(**inputs).logits[0, -len(ids) - 1 : -1].float()
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids, device=logits.device)[:, None])
-        return ids, logprobs[:, 0].tolist(), forced.text, forced.finish_reason
+        return ids, logprobs[:, 0].tolist(), text, finish
 
     def _sample(self, stop, sampling: SamplingParams, budget: int) -> tuple[list[int], list[float], str, str]:
         inputs = self._model_inputs()

@@ -129,3 +129,16 @@ def test_trainer_backend_samples_code_too_when_ats_is_off(tiny, readme_image, at
     backend = ThymeGRPOTrainer._backend(trainer, model)
     got = backend.generate(_messages(readme_image), stop=[], sampling=greedy)
     assert (got.token_ids == reference.token_ids) is ats
+
+
+def test_policy_backend_cuts_a_script_at_the_token_cap(tiny, readme_image):
+    from thyme.backends.scripted import ScriptedBackend
+
+    model, processor = tiny
+    script = ScriptedBackend(["<think>a long scripted thought that goes on</think>\n<answer>C</answer>"])
+    backend = PolicyBackend(model, processor, lock=threading.Lock(), script=script, max_completion_tokens=5)
+    generation = backend.generate(_messages(readme_image), stop=["</answer>"], sampling=SamplingParams())
+    assert len(generation.token_ids) == 5 and generation.finish_reason == "length"
+    assert generation.text == processor.tokenizer.decode(generation.token_ids)
+    assert backend.generate(_messages(readme_image, [{"type": "text", "text": generation.text}]), stop=[],
+                            sampling=SamplingParams()).text == ""  # fmt: skip
