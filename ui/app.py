@@ -30,6 +30,7 @@ from thyme.config import DEFAULT_MAX_GENERATION_CALLS, DEFAULT_MAX_PIXELS, DEFAU
 from thyme.errors import BackendError, ThymeError
 from thyme.images import read_image_size
 from thyme.sandbox.errors import SandboxError
+from thyme.trajectory import Trajectory
 from thyme.ui.export import write_conversation_zip
 from thyme.ui.render import TurnView, render_problem
 
@@ -59,7 +60,8 @@ class Turn:
     """One question of a conversation and what the chat shows for it."""
 
     question: str
-    new_image: str | None = None  # the image attached with this question, shown as a user message
+    new_image: str | None = None  # the file attached with this question, shown as a user message
+    image_accepted: bool = False  # the file is an image and became the conversation's image
     view: TurnView | None = None  # set when the question ran (or runs)
     problem: str | None = None  # a readable error instead of a run
     asked: str | None = None  # the question as sent to the model (follow-ups carry a preamble)
@@ -99,7 +101,7 @@ class Conversation:
             if turn.view is not None:
                 turn.view.stop()
 
-    def trajectories(self) -> list:
+    def trajectories(self) -> list[Trajectory]:
         """Every trajectory run in this tab (retries and fallbacks included), oldest first."""
         return [t for turn in self.turns if turn.view is not None for t in turn.view.attempts]
 
@@ -115,7 +117,7 @@ def follow_up_question(conversation: Conversation, question: str) -> str:
     history = []
     for turn in conversation.turns:
         result = turn.view.result if turn.view is not None else None
-        if turn.new_image:
+        if turn.image_accepted:
             history = []  # a new image starts a new subject
         if result is not None and result.has_answer:
             history.append(f"Q: {turn.question}\nA: {result.answer}")
@@ -146,14 +148,14 @@ def make_add_message(max_input_pixels: int) -> Callable[..., tuple]:
             except ThymeError as exc:
                 turn.problem = NOT_AN_IMAGE.format(error=exc)
             else:
-                conversation.image_path = turn.new_image
+                conversation.image_path, turn.image_accepted = turn.new_image, True
         if turn.problem is None:
             if conversation.image_path is None:
                 turn.problem = NO_IMAGE
             elif not question:
                 turn.problem = NO_QUESTION
             else:
-                turn.asked = question if turn.new_image else follow_up_question(conversation, question)
+                turn.asked = question if turn.image_accepted else follow_up_question(conversation, question)
         conversation.turns.append(turn)
         chat = conversation.messages(show_reasoning=show_reasoning)
         return chat, gr.MultimodalTextbox(value=None, interactive=False), conversation

@@ -126,6 +126,11 @@ def test_follow_up_question_carries_earlier_answers_until_a_new_image(ui_sandbox
     _run(factory, conversation, "Which letter?")
     asked = [turn.asked for turn in conversation.turns]
     assert asked[0] == "What is the plate number?" and asked[1].endswith("Now answer this question:\nWhich letter?")
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a PNG")
+    _run(factory, conversation, "This one?", not_an_image)  # refused: the subject stays
+    _run(factory, conversation, "Still there?")
+    assert conversation.turns[-1].asked.startswith("Earlier questions about this image")
     _run(factory, conversation, "And now?", example_image)  # a new upload starts a new subject
     assert conversation.turns[-1].asked == "And now?"
 
