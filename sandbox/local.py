@@ -24,7 +24,7 @@ from thyme.sandbox.session import Session
 logger = logging.getLogger(__name__)
 
 DEFAULT_POOL_SIZE = 2
-"""Idle workers kept ready. Each holds ~100 MiB resident after its warm imports."""
+"""Idle workers kept ready. Each holds ~70 MiB resident after its warm imports."""
 
 ImagePath = str | os.PathLike[str]
 

@@ -31,6 +31,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 _KEPT_MOUNT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
                      "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
+WARM_UP_NICENESS = 19
 WORKER_UID_BASE = 100_000
 """As root, a worker runs as uid ``WORKER_UID_BASE + its pid``: no two live workers share a uid, so one session's
 code cannot touch another session's scratch dir, and RLIMIT_NPROC counts only this worker."""
@@ -172,9 +173,16 @@ def isolate(limits: Any, writable_dir: str) -> dict[str, Any]:
         `dict`: ``network``, ``files``, ``user`` and ``rlimits`` say in words what held; ``uid`` is the uid the
         code runs as.
     """
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    if os.geteuid() == 0:
+        # Warm up at the lowest priority, so a replacement worker started behind a taken one does not slow the code
+        # running in that one; root may raise the priority back afterwards (another user could not).
+        os.setpriority(os.PRIO_PROCESS, 0, WARM_UP_NICENESS)
     own_mounts, network = _unshare()
     files = _read_only_filesystem(writable_dir) if own_mounts else "writable (no mount namespace)"
     _warm_imports()
+    if os.geteuid() == 0:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
     user = _drop_privileges()
     rlimits = _apply_limits(limits)
     return {"network": network, "files": files, "user": user, "rlimits": rlimits, "uid": os.getuid()}
