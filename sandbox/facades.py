@@ -29,7 +29,7 @@ CV2_CONFINED_WRITES = ("imwrite",)
 CV2_REFUSED_WORDS = ("read", "write", "load", "save", "video", "capture", "cascade", "storage", "file", "window",
                      "mesh", "pointcloud", "config", "samples", "dnn", "dump", "facedetectoryn")
 NUMPY_REFUSED = frozenset({"fromfile", "memmap", "fromregex", "DataSource", "tofile", "ctypeslib", "f2py", "testing",
-                           "lib", "show_config", "show_runtime", "info"})
+                           "lib", "show_config", "show_runtime", "info", "test"})
 # Not numpy.ma (ma.dump/ma.load pickle to and from files) nor numpy.rec (rec.fromfile).
 NUMPY_SUBMODULES = frozenset({"linalg", "random", "fft", "polynomial", "emath", "char", "strings"})
 PIL_SUBMODULES = frozenset({"Image", "ImageEnhance", "ImageFilter", "ImageOps", "ImageDraw", "ImageFont", "ImageStat",
@@ -97,9 +97,14 @@ class PathPolicy:
         )
 
     def writable(self, path: Any) -> str:
-        """Returns the real path to write, or raises PolicyViolation naming where to write."""
+        """Returns the real path to write, or raises PolicyViolation naming where to write.
+
+        A missing parent dir inside the scratch dir is created, as the original did for sub-dirs of
+        ``/mnt/data/temp_processed_images/`` (the weights save to ``.../crops/a.png`` without ``makedirs``).
+        """
         real = self._map(path)
         if self.inside_scratch(real) and real not in self.inputs:
+            os.makedirs(os.path.dirname(real), exist_ok=True)
             return real
         raise PolicyViolation(f"writing {path!r} is not allowed: save files under {OUTPUT_ALIAS}")
 
@@ -318,7 +323,8 @@ def _pil_facade(paths: PathPolicy) -> ModuleFacade:
         if name == "Image":
             refuse = lambda attr, _v: attr in {"register_open", "register_save", "init", "preinit"}  # noqa: E731
         elif name == "ImageFont":
-            refuse = lambda attr, _v: attr == "load_path"  # noqa: E731 - searches sys.path for font files
+            # load_path searches sys.path; FreeTypeFont(path) would open any file (truetype() is confined instead)
+            refuse = lambda attr, _v: attr in {"load_path", "FreeTypeFont"}  # noqa: E731
         submodules[name] = ModuleFacade(f"PIL.{name}", module, overrides, refuse=refuse)
     return ModuleFacade("PIL", None, {}, submodules=submodules)
 

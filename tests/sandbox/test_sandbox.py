@@ -67,6 +67,11 @@ LEGIT = {
                      "import numpy as np\nwith open('a.npy', 'wb') as g:\n    np.save(g, np.arange(3))\n"
                      "print(im.size, Image.open('c.png').size, np.load(open('a.npy', 'rb')).tolist())",
                      "(200, 120) (200, 120) [0, 1, 2]\n"),
+    "subdirs_created_like_the_original": ("import cv2, os\nimg = cv2.imread(image_path)\n"
+                                          "os.makedirs('/mnt/data/temp_processed_images/', exist_ok=True)\n"
+                                          "p = '/mnt/data/temp_processed_images/crops/left/a.png'\n"
+                                          "print(cv2.imwrite(p, img[:64, :64]), os.path.isfile('crops/left/a.png'))",
+                                          "True True\n"),
     "exceptions_and_lambdas": ("try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    print('caught', e)\n"
                                "f = lambda *a, **k: (len(a), sorted(k))\nprint(f(1, 2, z=1))",
                                "caught division by zero\n(2, ['z'])\n"),
