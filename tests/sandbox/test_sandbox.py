@@ -334,3 +334,12 @@ def test_sessions_run_concurrently_from_threads(sandbox: Sandbox, small_image: P
     for thread in threads:
         thread.join(timeout=120)
     assert results == {10: (True, 10), 20: (True, 20), 30: (True, 30)}
+
+
+def test_every_allowed_import_works(sandbox: Sandbox, small_image: Path) -> None:
+    from thyme.sandbox.policy import ALLOWED_IMPORTS
+
+    code = "\n".join(f"import {name}" for name in sorted(ALLOWED_IMPORTS)) + "\nprint('imported')"
+    result = sandbox.run(code, image=str(small_image))
+    assert result.ok, result.error
+    assert result.stdout == "imported\n"
