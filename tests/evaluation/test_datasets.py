@@ -58,6 +58,14 @@ def test_tsv_answer_given_as_option_text_maps_to_its_letter(tmp_path: Path) -> N
     assert load_dataset(tsv)[0].answer == "B"
 
 
+def test_tsv_with_a_byte_order_mark_keeps_its_index_column(tmp_path: Path) -> None:
+    tsv = _write_tsv(
+        tmp_path / "d.tsv", HEADER, [["3", _b64_image((0, 0, 0)), "q", "", "x", "y", "", "", "A", "", ""]]
+    )
+    tsv.write_bytes(b"\xef\xbb\xbf" + tsv.read_bytes())  # as spreadsheet programs save "UTF-8 with BOM"
+    assert load_dataset(tsv)[0].index == "3"
+
+
 def test_tsv_with_image_path_column_resolves_relative_to_the_file(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     tsv = _write_tsv(tmp_path / "d.tsv", ["index", "image_path", "question", "answer"], [["1", "a.png", "q", "Yes"]])

@@ -34,6 +34,8 @@ PLATE_OPTIONS = {
         ("`A`", "A"),
         ("### E", "E"),
         ("<think>Easy.</think>\n<answer>B", "B"),  # a direct reply cut before </answer>
+        ("（C）", "C"),  # full-width forms (MME-RealWorld-CN answers)
+        ("C。", "C"),
     ],
 )
 def test_match_option_reads_real_answer_styles(prediction: str, letter: str) -> None:

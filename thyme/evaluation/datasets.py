@@ -159,7 +159,8 @@ def _cell(row: dict[str, str | None], name: str) -> str | None:
 def _load_tsv(path: Path) -> list[EvalItem]:
     # Embedded 8K images are tens of MB per cell, far beyond csv's default 128 KB field limit.
     csv.field_size_limit(sys.maxsize)
-    with path.open(newline="", encoding="utf-8") as handle:
+    # utf-8-sig: a TSV saved by a spreadsheet starts with a byte-order mark that would rename the first column.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         # pandas (which writes VLMEvalKit's TSVs) quotes cells holding tabs, quotes or newlines: parse its quoting.
         reader = csv.DictReader(handle, delimiter="\t")
         columns = reader.fieldnames or []
@@ -235,7 +236,7 @@ def _answer_letter(where: str, answer: str, options: dict[str, str]) -> str:
 
 def _load_jsonl(path: Path) -> list[EvalItem]:
     items = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

@@ -25,8 +25,9 @@ _DECORATION = re.compile(r"</?[A-Za-z_]+>|[*`#\"“”]+")
 _LEAD_IN = re.compile(
     r"^(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)(?:\s+is)?\s*[:：]?\s*", re.IGNORECASE
 )
-# A letter that opens the answer and is delimited as a label: "C", "C.", "(C)", "C)", "C:", "[C]".
-_LEADING_LABEL = re.compile(r"^[(\[]?([A-Z])(?:[)\].:：,]|\s*$)")
+# A letter that opens the answer and is delimited as a label: "C", "C.", "(C)", "C)", "C:", "[C]", and the full-width
+# forms Chinese answers use ("（C）", "C。", "C：") for MME-RealWorld-CN.
+_LEADING_LABEL = re.compile(r"^[(\[（]?([A-Z])(?:[)\].:,）。：，、]|\s*$)")
 # VLMEvalKit splits on these characters before looking for a standalone option letter.
 _SPLIT_CHARS = ".()[],:;!*#{}"
 # VLMEvalKit accepts a lone letter only near the end of a long answer ("... so the answer is C"); a capital near the
