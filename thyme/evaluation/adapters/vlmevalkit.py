@@ -13,8 +13,9 @@ then ``python run.py --data HRBench4K VStarBench --model Thyme-RL-agent``. Promp
 (not for MME), short answers with the short-answer line (not for MMVet); other dataset types use VLMEvalKit's own
 prompts. The returned text is the content of ``<answer>``, which VLMEvalKit's matcher maps to an option letter.
 
-Status: ``vlmeval`` is not on PyPI (it installs from its git repository) and could not be installed on the machine
-this was written on, so this class is tested here only through its toolkit-independent parts (prompt building and
+Status: VLMEvalKit is not on PyPI (it installs from its git repository). EvalScope's packaged fork ``ms-vlmeval``
+(0.0.20) is, but importing ``vlmeval`` pulls in torchvision, which cannot be installed on the CPU machine this was
+written on. So this class is tested only through its toolkit-independent parts (prompt building and
 ``generate_inner``), not inside VLMEvalKit itself.
 """
 
