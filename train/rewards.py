@@ -190,7 +190,6 @@ class Judge:
             logger.warning("judge reply without a parseable %r (try %d/%d)", key, attempt, self.max_tries)
         return 0.0
 
-
     def flags(self, prompts: Sequence[str], key: str) -> list[float]:
         """:meth:`flag` for many prompts, ``max_concurrency`` at a time; results in prompt order."""
         if len(prompts) <= 1:

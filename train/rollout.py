@@ -123,9 +123,7 @@ def _finished(events) -> Any:
     raise ThymeError("the rollout loop ended without a Finished event")
 
 
-def run_one(
-    request: RolloutRequest, backend: PolicyBackend, sandbox: Any, config: AgentConfig
-) -> RolloutSample:
+def run_one(request: RolloutRequest, backend: PolicyBackend, sandbox: Any, config: AgentConfig) -> RolloutSample:
     """Runs one rollout through the loop; a backend, image, protocol or sandbox failure becomes a failed sample.
 
     Args:

@@ -78,7 +78,12 @@ def make_trainer(tiny_model_dir: Path, tmp_path_factory, sandbox, rl_data_file: 
         args = ThymeGRPOConfig(**settings)
         dataset = load_rl_dataset(rl_data_file)
         return ThymeGRPOTrainer(
-            str(tiny_model_dir), reward_funcs, args, dataset, sandbox=sandbox, rollout_script=script,
+            str(tiny_model_dir),
+            reward_funcs,
+            args,
+            dataset,
+            sandbox=sandbox,
+            rollout_script=script,
             peft_config=peft_config,
         )
 

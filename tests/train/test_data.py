@@ -39,8 +39,7 @@ def test_thyme_rl_row_keeps_its_messages_and_solution(readme_image):
 
 def test_thyme_rl_prompt_question_drops_the_template_of_the_authors_machine(readme_image):
     user = (
-        '<image>\nWhich?\nA. x\nB. y\n\n### User Image Path:** "/mllm_hdd/yfzhang/a.jpg"\n'
-        '### User Image Size:** "9x9"'
+        '<image>\nWhich?\nA. x\nB. y\n\n### User Image Path:** "/mllm_hdd/yfzhang/a.jpg"\n### User Image Size:** "9x9"'
     )
     row = {"messages": [{"role": "user", "content": user}], "images": [readme_image], "solution": "B"}
     out = to_trl_row(row, "row 0", None)

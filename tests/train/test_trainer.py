@@ -93,7 +93,7 @@ def test_trainer_loss_forward_sees_sandbox_images(trained, readme_example):
     # Every image's tokens are in the sequence the loss scores (no image silently dropped by TRL's safety check).
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     pad_id = trainer.processing_class.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    merge = trainer.processing_class.image_processor.merge_size ** 2
+    merge = trainer.processing_class.image_processor.merge_size**2
     expected = grids.prod(dim=-1).view(2, 2).sum(dim=1) // merge
     assert torch.equal((ids == pad_id).sum(dim=1), expected)
     assert torch.equal(inputs["mm_token_type_ids"], (ids == pad_id).long())
