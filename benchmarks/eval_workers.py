@@ -73,11 +73,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args()
 
-    from thyme.sandbox import Sandbox
-
     from thyme.backends.openai_compat import OpenAIBackend
     from thyme.evaluation.harness import EvalConfig, run_evaluation
     from thyme.evaluation.synth import generate_synth
+    from thyme.sandbox import Sandbox
 
     url, server, thread = _serve(_app(args.latency_s))
     with tempfile.TemporaryDirectory() as tmp, Sandbox(timeout=20) as sandbox:
