@@ -21,6 +21,7 @@ Everything else (rewards, advantages, KL, loss, logging, checkpoints, accelerate
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 from dataclasses import asdict
@@ -104,6 +105,9 @@ class ThymeGRPOTrainer(GRPOTrainer):
         if processing_class is None:
             source = model if isinstance(model, (str, Path)) else model.config._name_or_path
             processing_class = load_processor(source, args.min_pixels, args.max_pixels)
+        else:  # the pixel limits are set on a copy: the caller's processor is left as it was
+            processing_class = copy.deepcopy(processing_class)
+            set_pixel_limits(processing_class, args.min_pixels, args.max_pixels)
         judge = None
         if args.judge_base_url:
             judge = Judge(args.judge_base_url, args.judge_model, args.judge_api_key, args.judge_timeout_s,
@@ -112,7 +116,6 @@ class ThymeGRPOTrainer(GRPOTrainer):
         if default_rewards:
             reward_funcs = make_thyme_rewards(judge)
         super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs)
-        set_pixel_limits(self.processing_class, args.min_pixels, args.max_pixels)
         if default_rewards and args.reward_weights is None:
             weights = thyme_reward_weights(args.accuracy_weight, args.consistency_weight, args.format_weight)
             self.reward_weights = torch.tensor(weights, dtype=torch.float32)
