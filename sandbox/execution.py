@@ -33,7 +33,7 @@ class CodeRunner:
     def __init__(self, scratch_dir: str, inputs: dict[str, str], repairs: RepairConfig, limits: Limits) -> None:
         self.repairs = repairs
         self.copies = list(inputs.values())
-        self.paths = PathPolicy(scratch_dir, inputs, limits.max_pixels)
+        self.paths = PathPolicy(scratch_dir, inputs, limits.max_pixels, limits.scratch_mb * 1024 * 1024)
         modules = build_modules(self.paths)
         self.collector = PrintCollector(limits.max_stdout_chars)
         self.namespace = make_globals(self.paths, modules, self.collector, confined_open(self.paths))

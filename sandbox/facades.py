@@ -58,7 +58,8 @@ class PathPolicy:
     only the scratch dir. ``/mnt/data/temp_processed_images/`` and relative paths mean the scratch dir.
     """
 
-    def __init__(self, scratch_dir: str, inputs: dict[str, str], max_pixels: int) -> None:
+    def __init__(self, scratch_dir: str, inputs: dict[str, str], max_pixels: int, max_scratch_bytes: int) -> None:
+        self.max_scratch_bytes = max_scratch_bytes
         self.scratch = os.path.realpath(scratch_dir)
         self.inputs = {os.path.realpath(copy) for copy in inputs.values()}
         self.aliases = {original: copy for original, copy in inputs.items()}
@@ -104,6 +105,12 @@ class PathPolicy:
         """
         real = self._map(path)
         if self.inside_scratch(real) and real not in self.inputs:
+            used = _disk_usage(self.scratch)
+            if used > self.max_scratch_bytes:
+                raise PolicyViolation(
+                    f"the scratch dir already holds {used // 2**20} MiB, over the limit of "
+                    f"{self.max_scratch_bytes // 2**20} MiB: save fewer or smaller files"
+                )
             os.makedirs(os.path.dirname(real), exist_ok=True)
             return real
         raise PolicyViolation(f"writing {path!r} is not allowed: save files under {OUTPUT_ALIAS}")
@@ -327,6 +334,17 @@ def _pil_facade(paths: PathPolicy) -> ModuleFacade:
             refuse = lambda attr, _v: attr in {"load_path", "FreeTypeFont"}  # noqa: E731
         submodules[name] = ModuleFacade(f"PIL.{name}", module, overrides, refuse=refuse)
     return ModuleFacade("PIL", None, {}, submodules=submodules)
+
+
+def _disk_usage(directory: str) -> int:
+    """Bytes in the files under ``directory`` (a handful of images: cheap to walk on every write)."""
+    total = 0
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            total += _disk_usage(entry.path)
+        elif entry.is_file(follow_symlinks=False):
+            total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 def _is_file_object(target: Any) -> bool:

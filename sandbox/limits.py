@@ -27,6 +27,8 @@ class Limits:
         open_files (`int`, defaults to `64`): file descriptors the worker may hold (RLIMIT_NOFILE).
         max_stdout_chars (`int`, defaults to `20000`): printed text kept per ``run``; the rest is cut and counted.
         max_pixels (`int`, defaults to `64000000`): largest input, read or written image in pixels.
+        scratch_mb (`int`, defaults to `1024`): opening a file for writing is refused once the session's scratch
+            dir holds this much (each file is also capped by ``file_size_mb``).
     """
 
     timeout_s: float = DEFAULT_TIMEOUT_S
@@ -36,6 +38,7 @@ class Limits:
     open_files: int = 64
     max_stdout_chars: int = 20_000
     max_pixels: int = DEFAULT_MAX_PIXELS
+    scratch_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
@@ -44,7 +47,7 @@ class Limits:
             raise InvalidInput(f"cpu_s ({self.cpu_s}) must be > 0 seconds, or None to follow timeout_s")
         if self.memory_mb < 768:
             raise InvalidInput(f"memory_mb ({self.memory_mb}) is below 768: the warm cv2/numpy/PIL imports need it")
-        for name in ("file_size_mb", "open_files", "max_stdout_chars", "max_pixels"):
+        for name in ("file_size_mb", "open_files", "max_stdout_chars", "max_pixels", "scratch_mb"):
             if getattr(self, name) <= 0:
                 raise InvalidInput(f"{name} ({getattr(self, name)}) must be > 0")
 

@@ -27,7 +27,6 @@ from typing import Any
 from RestrictedPython.compile import compile_restricted_exec
 from RestrictedPython.Eval import default_guarded_getitem, default_guarded_getiter
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence, safe_builtins
-from RestrictedPython.Limits import limited_builtins
 from RestrictedPython.transformer import INSPECT_ATTRIBUTES
 
 from thyme.sandbox.errors import PolicyViolation
@@ -38,9 +37,11 @@ ALLOWED_IMPORTS = frozenset({"cv2", "numpy", "PIL", "math", "cmath", "random", "
                              "string", "uuid", "os"})
 """Top-level modules the code may import; each maps to a facade or to a module without a way out."""
 
-EXTRA_BUILTINS = ("sorted", "max", "min", "sum", "zip", "enumerate", "map", "filter", "any", "all", "dict", "set",
-                  "frozenset", "reversed", "type", "list", "tuple", "iter", "next", "format", "bytes", "bytearray",
-                  "object", "property", "staticmethod", "classmethod", "super", "hasattr", "ascii", "bin",
+# The real range/list/tuple, not RestrictedPython's limited_builtins: its range refuses 1000+ elements (a loop over
+# image rows) and its list refuses strings; memory and time are bounded by the worker's limits instead.
+EXTRA_BUILTINS = ("range", "sorted", "max", "min", "sum", "zip", "enumerate", "map", "filter", "any", "all", "dict",
+                  "set", "frozenset", "reversed", "type", "list", "tuple", "iter", "next", "format", "bytes",
+                  "bytearray", "object", "property", "staticmethod", "classmethod", "super", "hasattr", "ascii", "bin",
                   "StopIteration", "ZeroDivisionError", "NotImplemented", "dir")
 SANDBOX_MODULE_NAME = "__sandbox__"
 _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
@@ -267,7 +268,6 @@ def make_globals(paths: PathPolicy, modules: dict[str, Any], collector: PrintCol
     """The one namespace of a session (globals and locals together, so functions see module variables)."""
     getattr_ = make_getattr(paths)
     names: dict[str, Any] = dict(safe_builtins)
-    names.update(limited_builtins)
     for name in EXTRA_BUILTINS:
         names[name] = getattr(builtins, name)
     names.update(

@@ -72,6 +72,9 @@ LEGIT = {
                                           "p = '/mnt/data/temp_processed_images/crops/left/a.png'\n"
                                           "print(cv2.imwrite(p, img[:64, :64]), os.path.isfile('crops/left/a.png'))",
                                           "True True\n"),
+    "long_loops_and_conversions": ("total = 0\nfor y in range(5000):\n    total += y\n"
+                                   "print(total, list('ab'), tuple('c'), len(range(10 ** 9)))",
+                                   "12497500 ['a', 'b'] ('c',) 1000000000\n"),
     "exceptions_and_lambdas": ("try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    print('caught', e)\n"
                                "f = lambda *a, **k: (len(a), sorted(k))\nprint(f(1, 2, z=1))",
                                "caught division by zero\n(2, ['z'])\n"),

@@ -30,7 +30,8 @@ RETURN_MARGIN_S = 20.0  # "returned in time": generous, the CI machine is shared
 def strict() -> Iterator[Sandbox]:
     os.environ["THYME_TEST_API_TOKEN"] = SECRET  # a secret in the parent's environment, which workers must not see
     try:
-        limits = Limits(timeout_s=TIMEOUT_S, max_stdout_chars=2000, max_pixels=4_000_000, memory_mb=1024)
+        limits = Limits(timeout_s=TIMEOUT_S, max_stdout_chars=2000, max_pixels=4_000_000, memory_mb=1024,
+                        scratch_mb=200)
         with Sandbox(limits=limits, pool_size=1) as sb:
             yield sb
     finally:
@@ -346,6 +347,7 @@ BOMBS = {
     "fork_bomb": "import os\nwhile True:\n    os.fork()",
     "print_flood": "while True:\n    print('flood' * 1000)",
     "huge_image_write": "import numpy as np, cv2\nok = cv2.imwrite('big.png', np.zeros((3000, 3000), np.uint8))",
+    "disk_filling": "block = b'x' * (50 * 2 ** 20)\nfor i in range(1000):\n    open(f'f{i}.bin', 'wb').write(block)",
 }
 
 
@@ -357,6 +359,7 @@ def test_resource_bomb_returns_in_time_and_next_session_works(strict: Sandbox, n
         assert not result.ok and result.error.startswith("Sandbox for bomb: ")
         assert len(result.stdout) <= 2000 + 100
         assert not (session.scratch_dir / "big.png").exists()
+        assert sum(f.stat().st_size for f in session.scratch_dir.rglob("*")) <= (200 + 50) * 2**20
     with strict.session(image=str(small_image)) as fresh:
         assert fresh.run("print(6 * 7)").stdout == "42\n"
 
