@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+
 from thyme.sandbox.errors import SandboxError
 from thyme.sandbox.remote import RemoteSandbox
 

@@ -138,8 +138,9 @@ def parse_config(argv: Sequence[str] | None) -> tuple[ThymeSFTConfig, ModelConfi
         ConfigError: the file is unreadable, a key is unknown (all named), an override is not ``key=value``, a value
             is invalid, or the model or data is not set.
     """
-    from thyme.train.cli import read_config_values
     from transformers import HfArgumentParser
+
+    from thyme.train.cli import read_config_values
 
     parser = argparse.ArgumentParser(prog="thyme-train sft", description="Supervised fine-tuning of a Thyme model.")
     parser.add_argument("config", type=Path, help="YAML file with ThymeSFTConfig and ModelConfig keys (docs/sft.md)")
@@ -204,6 +205,7 @@ def load_sft_dataset(config: ThymeSFTConfig) -> Dataset:
         ConfigError: the data is empty, a row lacks a column, or images are missing (all listed).
     """
     from datasets import Dataset
+
     from thyme.train.data import check_images, read_rows
     from thyme.train.sft_data import SFT_COLUMNS
 
@@ -322,9 +324,8 @@ def train(config: ThymeSFTConfig, model_config: ModelConfig) -> Path:
     Returns:
         `Path`: the output directory.
     """
-    from thyme.train.sft_collator import ThymeSFTCollator
-
     from thyme.backends.processor import load_processor
+    from thyme.train.sft_collator import ThymeSFTCollator
 
     processor = load_processor(model_config.model_name_or_path, config.min_pixels, config.max_pixels)
     collator = ThymeSFTCollator(

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from thyme.train.masking import IGNORE_INDEX, Span, expand_spans, token_mask_from_spans, trained_char_spans
-from thyme.train.sft_data import row_to_trajectory
 
 from thyme.errors import ConfigError, ProtocolError
+from thyme.train.masking import IGNORE_INDEX, Span, expand_spans, token_mask_from_spans, trained_char_spans
+from thyme.train.sft_data import row_to_trajectory
 
 if TYPE_CHECKING:
     from datasets import Dataset

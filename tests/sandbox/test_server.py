@@ -12,11 +12,11 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.fixtures.sandbox_server import running_server
 from thyme.sandbox import ExecutionResult, InvalidInput, Sandbox, SandboxClosed
 from thyme.sandbox.remote import RemoteSandbox
 from thyme.sandbox.server_errors import RequestRejected, SessionNotFound, Unauthorized
-
-from tests.fixtures.sandbox_server import running_server
 
 TOKEN = "test-token-7f3a"
 RUN_TIMEOUT_S = 6.0

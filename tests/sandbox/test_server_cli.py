@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from thyme.sandbox.remote import RemoteSandbox
 
 from tests.fixtures.sandbox_server import free_port
 from thyme.cli import main
+from thyme.sandbox.remote import RemoteSandbox
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0

@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.sandbox_server import running_server
 from thyme.sandbox import InvalidInput
 from thyme.sandbox.remote import RemoteSandbox
 from thyme.sandbox.server_config import ServerConfig, is_loopback_host, read_token_file
 from thyme.sandbox.server_errors import ServerBusy, SessionNotFound
-
-from tests.fixtures.sandbox_server import running_server
 
 WAIT_S = 0.5
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from thyme.train.masking import expand_spans, find_sandbox_spans, token_mask_from_spans, trained_char_spans
 
 from thyme.errors import ProtocolError
 from thyme.protocol import SANDBOX_OUTPUT_CLOSE, SANDBOX_OUTPUT_OPEN
+from thyme.train.masking import expand_spans, find_sandbox_spans, token_mask_from_spans, trained_char_spans
 
 BLOCK_1 = f"{SANDBOX_OUTPUT_OPEN}<|vision_start|><|image_pad|><|vision_end|>{SANDBOX_OUTPUT_CLOSE}"
 BLOCK_2 = f"{SANDBOX_OUTPUT_OPEN}Sandbox for 3: NameError{SANDBOX_OUTPUT_CLOSE}"

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from thyme.train.masking import IGNORE_INDEX
 
 from tests.fixtures.sft_rows import ANSWER, FIRST_ROUND, SANDBOX_TEXT, SECOND_ROUND, sft_response
+from thyme.train.masking import IGNORE_INDEX
 
 # A boundary token may carry one character of a neighbouring tag (masking.py docstring), never more.
 MAX_BOUNDARY_CHARS = 1
@@ -99,9 +99,8 @@ def test_naive_sft_trains_the_sandbox_images(processor, row: dict) -> None:
 
 
 def test_collator_rejects_sequences_over_max_length(processor, row: dict) -> None:
-    from thyme.train.sft_collator import ThymeSFTCollator
-
     from thyme.errors import ConfigError
+    from thyme.train.sft_collator import ThymeSFTCollator
 
     collator = ThymeSFTCollator(processor, max_length=64)
     length = collator.sequence_length(row)
@@ -112,6 +111,7 @@ def test_collator_rejects_sequences_over_max_length(processor, row: dict) -> Non
 
 def test_drop_overlong_removes_only_rows_over_max_length(processor, row: dict, caplog) -> None:
     from datasets import Dataset
+
     from thyme.train.sft_collator import ThymeSFTCollator
 
     long_row = dict(row, question=row["question"].replace("What color", "What color " + "exactly " * 200))
@@ -129,11 +129,10 @@ def test_readme_example_converted_from_released_form_trains_code_and_answer(proc
     import base64
     from importlib import resources
 
-    from thyme.train.sft_collator import ThymeSFTCollator
-    from thyme.train.sft_data import convert_files
-
     from thyme.prompts import user_prompt
     from thyme.protocol import IMAGE_PLACEHOLDER, SANDBOX_OUTPUT_CLOSE, SANDBOX_OUTPUT_OPEN
+    from thyme.train.sft_collator import ThymeSFTCollator
+    from thyme.train.sft_data import convert_files
 
     examples = resources.files("thyme").joinpath("data", "examples")
     example = json.loads(examples.joinpath("readme_17127.json").read_text(encoding="utf-8"))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from thyme.train.cli import main
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "train" / "examples" / "sft_tiny.yaml"
@@ -134,8 +135,9 @@ def test_resume_hook_signature_matches_the_override() -> None:
     """ThymeSFTTrainer overrides a private transformers hook; a changed signature must fail here, not mid-run."""
     import inspect
 
-    from thyme.train.sft import ThymeSFTTrainer
     from transformers import Trainer
+
+    from thyme.train.sft import ThymeSFTTrainer
 
     expected = list(inspect.signature(Trainer._load_from_checkpoint).parameters)
     assert expected == ["self", "resume_from_checkpoint", "model"]

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from tests.fixtures.sft_rows import sft_response
+from thyme.errors import ConfigError, ImageError, ProtocolError
+from thyme.prompts import SYSTEM_PROMPT, user_prompt
 from thyme.train.sft_data import (
     convert_files,
     decode_image,
@@ -17,10 +21,6 @@ from thyme.train.sft_data import (
     rewrite_row_paths,
     row_to_trajectory,
 )
-
-from tests.fixtures.sft_rows import sft_response
-from thyme.errors import ConfigError, ImageError, ProtocolError
-from thyme.prompts import SYSTEM_PROMPT, user_prompt
 
 AUTHORS_PATH = "/mllm_hdd/yfzhang/data/vstar/direct_attributes/sa_17127.jpg"
 
