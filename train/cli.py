@@ -25,7 +25,8 @@ from thyme.errors import ConfigError, ThymeError
 logger = logging.getLogger(__name__)
 
 SFT_COMMAND = "sft"
-_RESUME_LATEST = ("true", "last", "latest")
+# resume_from_checkpoint values that mean "the newest checkpoint in output_dir" (RL and SFT alike).
+RESUME_LATEST = ("true", "last", "latest")
 
 
 @dataclass
@@ -115,11 +116,17 @@ def parse_config(argv: Sequence[str] | None) -> tuple[RLDataArguments, Any, Any]
     return data_args, config, model_config
 
 
-def _resume_path(config: Any) -> str | None:
+def resolve_resume(config: Any) -> str | None:
+    """``resume_from_checkpoint`` of an RL or SFT config: a checkpoint folder, or ``true``/``last``/``latest`` for the
+    newest ``checkpoint-*`` in ``output_dir``; ``None`` (or ``false``) starts fresh.
+
+    Raises:
+        ConfigError: the newest checkpoint was asked but ``output_dir`` holds none, or the folder does not exist.
+    """
     value = config.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "none", ""):
         return None
-    if str(value).lower() in _RESUME_LATEST:
+    if str(value).lower() in RESUME_LATEST:
         from transformers.trainer_utils import get_last_checkpoint
 
         last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
@@ -139,7 +146,7 @@ def train(data_args: RLDataArguments, config: Any, model_config: Any) -> Path:
     from thyme.train.trainer import ThymeGRPOTrainer
 
     dataset = load_rl_dataset(data_args.train_file, split=data_args.train_split, image_root=data_args.image_root)
-    resume = _resume_path(config)
+    resume = resolve_resume(config)
     if config.model_init_kwargs is None:
         config.model_init_kwargs = {"dtype": model_config.dtype or "auto"}
         if model_config.attn_implementation:

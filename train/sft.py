@@ -42,8 +42,6 @@ ORIGINAL_SFT_MAX_PIXELS = 3211264
 DEFAULT_MIN_PIXELS = 3136
 # The vision tower's module name in transformers' Qwen2-VL/2.5-VL/3-VL models; LoRA leaves it alone when it is frozen.
 VISION_MODULE_REGEX = r".*\.visual\..*"
-# resume_from_checkpoint values that mean "the newest checkpoint in output_dir" (as thyme-train for RL).
-RESUME_LATEST = ("true", "last", "latest")
 
 
 @dataclass
@@ -269,28 +267,6 @@ def peft_config_for(config: ThymeSFTConfig, model_config: ModelConfig) -> PeftCo
     return peft_config
 
 
-def resolve_resume(config: ThymeSFTConfig) -> str | None:
-    """``resume_from_checkpoint``: a checkpoint folder, or ``true``/``last``/``latest`` for the newest
-    ``checkpoint-*`` in ``output_dir`` (the RL trainer's convention).
-
-    Raises:
-        ConfigError: the newest checkpoint was asked but ``output_dir`` holds none, or the folder does not exist.
-    """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    value = config.resume_from_checkpoint
-    if value is None or str(value).lower() in ("false", "none", ""):
-        return None
-    if str(value).lower() in RESUME_LATEST:
-        last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
-        if last is None:
-            raise ConfigError(f"resume_from_checkpoint={value}: no checkpoint-* folder in {config.output_dir}")
-        return last
-    if not Path(value).is_dir():
-        raise ConfigError(f"resume_from_checkpoint {value} is not a folder")
-    return str(value)
-
-
 def _full_model_checkpoint(folder: str) -> bool:
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
@@ -325,6 +301,7 @@ def train(config: ThymeSFTConfig, model_config: ModelConfig) -> Path:
         `Path`: the output directory.
     """
     from thyme.backends.processor import load_processor
+    from thyme.train.cli import resolve_resume
     from thyme.train.sft_collator import ThymeSFTCollator
 
     processor = load_processor(model_config.model_name_or_path, config.min_pixels, config.max_pixels)

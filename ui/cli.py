@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from thyme.commands.options import add_model_arguments, check_model_name
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 # Questions answered at once with --endpoint or a replay (the server batches; a replay costs nothing). A local model
@@ -25,15 +27,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "With none of them the demo replays the original README example (no weights, no GPU)."
         ),
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="ID_OR_PATH", help="hub id (Kwai-Keye/Thyme-RL) or local checkpoint")
-    source.add_argument("--endpoint", metavar="URL", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
-    source.add_argument(
-        "--scripted", type=Path, metavar="FILE", help="replay model text from a JSON script (default: README example)"
+    add_model_arguments(
+        parser, required=False, scripted_help="replay model text from a JSON script (default: README example)"
     )
-    parser.add_argument("--model-name", metavar="NAME", help="model name to request from --endpoint")
-    parser.add_argument("--device", help="transformers device: cpu, cuda, cuda:1 or auto (default: cuda if any)")
-    parser.add_argument("--dtype", default="auto", help="transformers dtype: auto, bfloat16, float16, float32")
     parser.add_argument("--max-new-tokens", type=int, default=2048, metavar="N", help="tokens per call (2048)")
     parser.add_argument("--sandbox-timeout-s", type=float, default=10.0, help="seconds per code block (10)")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
@@ -45,10 +41,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def _build_backend(args: argparse.Namespace) -> Any:
     """The shared backend for --model / --endpoint (None for a scripted replay, which is made per question)."""
     from thyme.backends import BACKENDS
-    from thyme.errors import ConfigError
 
-    if args.model_name and not args.endpoint:
-        raise ConfigError("--model-name only applies with --endpoint")
+    check_model_name(args)
     if args.endpoint:
         return BACKENDS["openai"](args.endpoint, model=args.model_name)
     if args.model:

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
+from thyme.commands.options import add_loop_arguments, add_model_arguments, agent_config_from_args, check_model_name
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Adds the ``answer`` sub-command."""
@@ -24,34 +26,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("image", type=Path, metavar="IMAGE", help="the image file")
     parser.add_argument("question", metavar="QUESTION", help="the question (quote it)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="ID_OR_PATH", help="hub id (Kwai-Keye/Thyme-RL) or local checkpoint")
-    source.add_argument("--endpoint", metavar="URL", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
-    source.add_argument("--scripted", type=Path, metavar="FILE", help="replay model text from a JSON script")
-    parser.add_argument("--model-name", metavar="NAME", help="model name to request from --endpoint")
-    parser.add_argument("--device", help="transformers device: cpu, cuda, cuda:1 or auto (default: cuda if any)")
-    parser.add_argument("--dtype", default="auto", help="transformers dtype: auto, bfloat16, float16, float32")
+    add_model_arguments(parser, required=True)
     parser.add_argument("--json", action="store_true", help="print one JSON object (answer + trajectory) only")
     parser.add_argument("--save-dir", type=Path, metavar="DIR", help="keep the sandbox images and trajectory.json")
-    parser.add_argument("--max-generation-calls", type=int, default=5, metavar="N", help="calls per attempt (5)")
-    parser.add_argument("--max-new-tokens", type=int, default=2048, metavar="N", help="tokens per call (2048)")
-    parser.add_argument("--sampling", choices=("greedy", "ats"), default="greedy", help="decoding policy (greedy)")
-    parser.add_argument("--max-attempts", type=int, default=2, metavar="N", help="attempts before the fallback (2)")
-    parser.add_argument("--no-fallback", action="store_true", help="do not ask the plain fallback prompt")
-    parser.add_argument("--hide-sandbox-errors", action="store_true", help="drop failed code blocks (original eval)")
-    parser.add_argument("--min-pixels", type=int, default=3136, help="min pixels per image for the model")
-    parser.add_argument("--max-pixels", type=int, default=12_845_056, help="max pixels per image for the model")
-    parser.add_argument("--sandbox-timeout-s", type=float, default=10.0, help="seconds per code block (10)")
-    parser.add_argument("--seed", type=int, help="sampling seed")
+    add_loop_arguments(parser, max_attempts=2, max_attempts_help="attempts before the fallback (2)")
     parser.set_defaults(handler=run_answer)
 
 
 def _build_backend(args: argparse.Namespace) -> Any:
     from thyme.backends import BACKENDS
-    from thyme.errors import ConfigError
 
-    if args.model_name and not args.endpoint:
-        raise ConfigError("--model-name only applies with --endpoint")
+    check_model_name(args)
     if args.scripted:
         return BACKENDS["scripted"](args.scripted)
     if args.endpoint:
@@ -88,24 +73,6 @@ def _print_event(event: Any, out: TextIO, show_paths: bool) -> None:
     out.flush()
 
 
-def _make_config(args: argparse.Namespace, images_dir: Path) -> Any:
-    from thyme.config import AgentConfig
-
-    return AgentConfig(
-        max_generation_calls=args.max_generation_calls,
-        max_new_tokens=args.max_new_tokens,
-        sampling=args.sampling,
-        seed=args.seed,
-        max_attempts=args.max_attempts,
-        use_fallback=not args.no_fallback,
-        show_sandbox_errors=not args.hide_sandbox_errors,
-        min_pixels=args.min_pixels,
-        max_pixels=args.max_pixels,
-        sandbox_timeout_s=args.sandbox_timeout_s,
-        images_dir=images_dir,
-    )
-
-
 def _report(result: Any, args: argparse.Namespace) -> None:
     if args.save_dir:
         result.trajectory.save(args.save_dir / "trajectory.json")
@@ -138,7 +105,7 @@ def run_answer(args: argparse.Namespace) -> int:
     from thyme.loop import Finished
 
     with tempfile.TemporaryDirectory(prefix="thyme-answer-") as scratch:
-        config = _make_config(args, args.save_dir or Path(scratch))
+        config = agent_config_from_args(args, images_dir=args.save_dir or Path(scratch))
         backend = _build_backend(args)
         if backend is None:
             agent = ThymeAgent.from_pretrained(args.model, config=config, dtype=args.dtype, device=args.device)

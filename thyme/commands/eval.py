@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from thyme.commands.options import add_loop_arguments, add_model_arguments, agent_config_from_args, check_model_name
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Adds the ``eval`` and ``bench`` sub-commands."""
@@ -28,35 +30,16 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data", type=Path, required=True, metavar="FILE_OR_DIR", help=".tsv, .jsonl or a folder")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (resumed if it exists)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="ID_OR_PATH", help="hub id (Kwai-Keye/Thyme-RL) or local checkpoint")
-    source.add_argument("--endpoint", metavar="URL", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
-    source.add_argument(
-        "--scripted", type=Path, metavar="FILE", help='replay model text: JSON {"<row index>": [segments...]}'
-    )
+    add_model_arguments(parser, required=True, scripted_help='replay model text: JSON {"<row index>": [segments...]}')
     parser.add_argument("--mode", choices=("thyme", "direct"), default="thyme", help="tool loop or plain (thyme)")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N rows")
     parser.add_argument("--workers", type=int, default=1, metavar="K", help="rows in parallel (--endpoint only; 1)")
-    parser.add_argument("--model-name", metavar="NAME", help="model name to request from --endpoint")
-    parser.add_argument("--device", help="transformers device: cpu, cuda, cuda:1 or auto (default: cuda if any)")
-    parser.add_argument("--dtype", default="auto", help="transformers dtype: auto, bfloat16, float16, float32")
-    parser.add_argument("--max-generation-calls", type=int, default=5, metavar="N", help="calls per attempt (5)")
-    parser.add_argument("--max-new-tokens", type=int, default=2048, metavar="N", help="tokens per call (2048)")
-    parser.add_argument("--sampling", choices=("greedy", "ats"), default="greedy", help="decoding policy (greedy)")
-    parser.add_argument(
-        "--max-attempts", type=int, default=1, metavar="N", help="attempts before the fallback (1: retries sample)"
-    )
-    parser.add_argument("--no-fallback", action="store_true", help="do not ask the plain fallback prompt")
-    parser.add_argument("--hide-sandbox-errors", action="store_true", help="drop failed code blocks (original eval)")
+    add_loop_arguments(parser, max_attempts=1, max_attempts_help="attempts before the fallback (1: retries sample)")
     parser.add_argument(
         "--eval-image-quirk",
         action="store_true",
         help="keep the official eval's literal '<image>' after the vision block (parity with the paper's numbers)",
     )
-    parser.add_argument("--min-pixels", type=int, default=3136, help="min pixels per image for the model")
-    parser.add_argument("--max-pixels", type=int, default=12_845_056, help="max pixels per image for the model")
-    parser.add_argument("--sandbox-timeout-s", type=float, default=10.0, help="seconds per code block (10)")
-    parser.add_argument("--seed", type=int, help="sampling seed")
     parser.add_argument("--report-examples", type=int, default=3, metavar="N", help="trajectories in report.md (3)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_eval)
@@ -115,8 +98,7 @@ def _backend_factory(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if args.workers > 1 and args.model:
         raise ConfigError("--workers > 1 needs --endpoint (or --scripted): a local model answers one row at a time")
-    if args.model_name and not args.endpoint:
-        raise ConfigError("--model-name only applies with --endpoint")
+    check_model_name(args)
     if args.scripted:
         scripts = _load_scripts(args.scripted)
 
@@ -138,24 +120,6 @@ def _backend_factory(args: argparse.Namespace) -> tuple[Any, Any]:
     return (lambda item: backend), backend
 
 
-def _agent_config(args: argparse.Namespace) -> Any:
-    from thyme.config import AgentConfig
-
-    return AgentConfig(
-        max_generation_calls=args.max_generation_calls,
-        max_new_tokens=args.max_new_tokens,
-        sampling=args.sampling,
-        seed=args.seed,
-        max_attempts=args.max_attempts,
-        use_fallback=not args.no_fallback,
-        show_sandbox_errors=not args.hide_sandbox_errors,
-        eval_image_quirk=args.eval_image_quirk,
-        min_pixels=args.min_pixels,
-        max_pixels=args.max_pixels,
-        sandbox_timeout_s=args.sandbox_timeout_s,
-    )
-
-
 def run_eval(args: argparse.Namespace) -> int:
     """Runs the evaluation and prints the headline numbers and where the files are."""
     from thyme.evaluation.harness import EvalConfig, run_evaluation
@@ -167,7 +131,7 @@ def run_eval(args: argparse.Namespace) -> int:
         report_examples=args.report_examples,
         progress=not args.no_progress,
     )
-    agent_config = _agent_config(args)
+    agent_config = agent_config_from_args(args, eval_image_quirk=args.eval_image_quirk)
     backend_for, backend = _backend_factory(args)
     model = args.model or args.endpoint or f"scripted:{args.scripted}"
     info = {"model": model, "backend": "transformers" if args.model else "openai" if args.endpoint else "scripted"}
