@@ -77,6 +77,9 @@ class Sandbox:
         root = root.resolve()  # image paths are compared after realpath (macOS /tmp is a symlink)
         root.chmod(0o711)
         self.root = root
+        # Returned images are copied here: beside the work dir, not in it, so the workers (which may write the
+        # work dir) never reach them.
+        self._results_root = Path(tempfile.mkdtemp(prefix="thyme-results-", dir=root.parent))
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._kept_dirs: list[Path] = []
         self._closed = False
@@ -101,7 +104,7 @@ class Sandbox:
         if (image is None) == (images is None):
             raise InvalidInput("pass exactly one of image=PATH or images=[PATH, ...]")
         paths = [image] if image is not None else list(images or [])
-        session = Session(paths, item_id, self.root, self.limits, self.repairs, self._pool.acquire)
+        session = Session(paths, item_id, self.root, self.limits, self.repairs, self._pool.acquire, self._results_root)
         self._sessions.add(session)
         return session
 
@@ -114,7 +117,7 @@ class Sandbox:
             return session.run(code)
         finally:
             session.close(keep_files=True)
-            self._kept_dirs.append(session.directory)
+            self._kept_dirs.extend(session.directories)
 
     def wait_ready(self, timeout_s: float = 120.0) -> bool:
         """Blocks until the warm workers are started; returns whether they are."""
@@ -132,6 +135,7 @@ class Sandbox:
         self._pool.close()
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self._results_root, ignore_errors=True)
 
     def __enter__(self) -> Sandbox:
         return self
