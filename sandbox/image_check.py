@@ -92,10 +92,10 @@ class _Checker:
             self.kill()
             raise OSError("the image checker process did not start")
 
-    def check(self, fd: int, max_pixels: int, timeout_s: float) -> dict[str, Any] | None:
+    def check(self, fd: int, request: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
         """Sends ``fd`` and returns the child's answer, or ``None`` when it died or ran past ``timeout_s``."""
         try:
-            socket.send_fds(self.socket, [json.dumps({"max_pixels": max_pixels}).encode() + b"\n"], [fd])
+            socket.send_fds(self.socket, [json.dumps(request).encode() + b"\n"], [fd])
         except OSError:
             return None
         return self._read(timeout_s)
@@ -129,12 +129,15 @@ _idle: list[_Checker] = []
 _lock = threading.Lock()
 
 
-def check_image(fd: int, max_pixels: int, timeout_s: float | None = None) -> ImageHeader:
+def check_image(fd: int, max_pixels: int, *, allow_animated: bool = False,
+                timeout_s: float | None = None) -> ImageHeader:  # fmt: skip
     """Reads the header of the open file ``fd`` in a bounded child.
 
     Args:
         fd (`int`): an open, readable descriptor of a regular file (its offset is not used).
         max_pixels (`int`): the largest width x height accepted.
+        allow_animated (`bool`, defaults to `False`): accept a file with several frames (an input image: the
+            worker reads its first frame); a returned image must be one picture.
         timeout_s (`float`, *optional*): how long the child may take; defaults to ``CHECK_TIMEOUT_S``.
 
     Returns:
@@ -148,7 +151,8 @@ def check_image(fd: int, max_pixels: int, timeout_s: float | None = None) -> Ima
         checker = _idle.pop() if _idle else None
     if checker is None:
         checker = _Checker()
-    answer = checker.check(fd, max_pixels, CHECK_TIMEOUT_S if timeout_s is None else timeout_s)
+    request = {"max_pixels": max_pixels, "allow_animated": allow_animated}
+    answer = checker.check(fd, request, CHECK_TIMEOUT_S if timeout_s is None else timeout_s)
     if answer is None:
         checker.kill()
         raise ImageCheckFailed("bomb")
@@ -220,7 +224,7 @@ def _prepare_child() -> None:
             resource.setrlimit(which, (value, value))
 
 
-def _read_header(fd: int, max_pixels: int) -> dict[str, Any]:
+def _read_header(fd: int, max_pixels: int, allow_animated: bool) -> dict[str, Any]:
     from PIL import Image, UnidentifiedImageError
 
     # PIL's own bomb check is off: it hides the size from the error line, and this process is the bound anyway.
@@ -230,7 +234,7 @@ def _read_header(fd: int, max_pixels: int) -> dict[str, Any]:
             width, height = image.size
             image_format = str(image.format)
             # Seeks to the second frame only; counting frames would walk the whole file.
-            animated = bool(getattr(image, "is_animated", False))
+            animated = not allow_animated and bool(getattr(image, "is_animated", False))
     except UnidentifiedImageError:
         return {"kind": "not_an_image", "detail": "not a PNG, JPEG, BMP, GIF, TIFF or WebP file"}
     except MemoryError:
@@ -239,7 +243,7 @@ def _read_header(fd: int, max_pixels: int) -> dict[str, Any]:
         return {"kind": "not_an_image", "detail": f"{type(exc).__name__}: {exc}"[:300]}
     if width * height > max_pixels:
         return {"kind": "too_large", "size": [width, height]}
-    if animated:
+    if animated and not allow_animated:
         return {"kind": "animated"}
     return {"format": image_format, "width": width, "height": height}
 
@@ -253,7 +257,8 @@ def main(argv: list[str]) -> int:
         if not message:
             return 0
         request = json.loads(message)
-        answer = _read_header(fds[0], int(request["max_pixels"])) if fds else {"error": "no file was sent"}
+        answer = (_read_header(fds[0], int(request["max_pixels"]), bool(request["allow_animated"])) if fds
+                  else {"kind": "not_an_image", "detail": "no file was sent"})  # fmt: skip
         channel.sendall(json.dumps(answer).encode() + b"\n")
 
 

@@ -38,7 +38,8 @@ class Sandbox:
         repairs (`RepairConfig`, *optional*): which source repairs run (defaults: all the weights expect).
         pool_size (`int`, defaults to `2`): warm workers kept ready.
         work_dir (`str` or `os.PathLike`, *optional*): where session dirs are made (default: a new temp dir).
-        url (`str`, *optional*): use a remote sandbox server instead (returns a ``RemoteSandbox``).
+        url (`str` or `list[str]`, *optional*): use a remote sandbox server instead, or several, which share the
+            sessions out (returns a ``RemoteSandbox``).
         token (`str`, *optional*): the remote server's bearer token.
 
     Example:
@@ -63,7 +64,8 @@ class Sandbox:
 
     def __init__(self, timeout: float | None = None, *, limits: Limits | None = None,
                  repairs: RepairConfig | None = None, pool_size: int = DEFAULT_POOL_SIZE,
-                 work_dir: ImagePath | None = None, url: str | None = None, token: str | None = None) -> None:
+                 work_dir: ImagePath | None = None, url: str | Sequence[str] | None = None,
+                 token: str | None = None) -> None:
         limits = limits or Limits()
         if timeout is not None:
             limits = dataclasses.replace(limits, timeout_s=timeout)

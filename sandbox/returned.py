@@ -22,6 +22,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from thyme.sandbox.image_check import ImageCheckFailed, check_image, describe
 from thyme.sandbox.repair import OUTPUT_ALIAS
@@ -256,6 +257,28 @@ def _shown(text: str, quote: bool = True, limit: int = 200) -> str:
     cut = text if len(text) <= limit else text[:limit] + "..."
     cut = clean_text(cut.replace("\x00", "\\x00"))
     return repr(cut) if quote else cut
+
+
+def open_returned_image(path: str | os.PathLike[str]) -> tuple[BinaryIO, int] | None:
+    """Opens an image the sandbox handed out, for a server to send: never through a link, only a regular file.
+
+    The copies live where the worker cannot write, so this is a second line: a server's image endpoint must not
+    become a way to read any file should a path ever point elsewhere.
+
+    Returns:
+        `tuple[BinaryIO, int]` or `None`: the open file and its size, or ``None`` when the path is missing, a
+        link, or not a regular file.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS | os.O_NONBLOCK)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb"), info.st_size
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
