@@ -122,7 +122,8 @@ class RemoteSandbox:
     Example:
         ```python
         >>> from thyme.sandbox.remote import RemoteSandbox
-        >>> with RemoteSandbox(["http://10.0.0.5:8765", "http://10.0.0.6:8765"], token="s3cret") as sb:  # doctest: +SKIP
+        >>> servers = ["http://10.0.0.5:8765", "http://10.0.0.6:8765"]
+        >>> with RemoteSandbox(servers, token="s3cret") as sb:  # doctest: +SKIP
         ...     session = sb.session(image="/data/17127.jpg", item_id="17127")
         ...     result = session.run(code)
         ...     result.images  # local copies of the saved images
