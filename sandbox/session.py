@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -83,8 +84,7 @@ class Session:
         worker = self._acquire()
         if os.geteuid() == 0 and worker.uid != 0:
             os.chown(self.scratch_dir, worker.uid, worker.uid)  # the scratch dir belongs to this worker alone
-            for path in self.scratch_dir.rglob("*"):  # files of a previous (killed) worker of this session
-                os.chown(path, worker.uid, worker.uid, follow_symlinks=False)
+            _hand_over(self.scratch_dir, worker.uid)  # files of a previous (killed) worker of this session
         try:
             reply = worker.request(
                 {"op": "open", "scratch_dir": str(self.scratch_dir), "inputs": list(self._inputs.items()),
@@ -186,6 +186,24 @@ class Session:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.close()
+
+
+def _hand_over(scratch_dir: Path, uid: int) -> None:
+    """Gives a previous worker's files to the new worker, without trusting them: a link is never followed, and a
+    file with a second name (a hard link the old worker made to a file of someone else) keeps its owner."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    for directory, subdirs, files in os.walk(scratch_dir):  # os.walk does not descend into linked dirs
+        for name in subdirs + files:
+            try:
+                fd = os.open(os.path.join(directory, name), flags)
+            except OSError:  # a link (ELOOP), or gone
+                continue
+            try:
+                info = os.fstat(fd)
+                if stat.S_ISDIR(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_nlink == 1):
+                    os.fchown(fd, uid, uid)
+            finally:
+                os.close(fd)
 
 
 def _check_image_path(path: str | os.PathLike[str]) -> str:

@@ -187,3 +187,16 @@ def test_many_concurrent_checks_each_get_their_answer(sandbox: Sandbox, small_im
     for thread in threads:
         thread.join(timeout=120)
     assert shapes == {w: (120, w, 3) for w in widths}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="workers get their own uid only when the parent is root")
+def test_replacement_worker_gets_the_old_files_but_never_a_linked_one(small_image: Path, secret: Path) -> None:
+    with Sandbox(timeout=3, pool_size=0) as sb, sb.session(image=str(small_image)) as session:
+        assert session.run(f"open('{ALIAS}mine.txt', 'w').write('x')").ok
+        os.link(secret, session.scratch_dir / "stolen.png")  # what the old worker could do without protected_hardlinks
+        os.symlink(secret, session.scratch_dir / "pointer.png")
+        assert "timed out" in session.run("while True:\n    pass").error  # the worker is killed...
+        assert session.run("print(1)").ok  # ...and a new one, with a new uid, takes over the scratch dir
+        new_uid = (session.scratch_dir / "mine.txt").stat().st_uid
+        assert new_uid not in (0, os.getuid())
+        assert secret.stat().st_uid == os.getuid() and secret.stat().st_mode & 0o777 == 0o600
