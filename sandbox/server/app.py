@@ -68,7 +68,7 @@ class RunRequest(BaseModel):
 
 class ImageRef(BaseModel):
     name: str
-    path: str = Field(description="the path on the server, as the code printed it")
+    path: str = Field(description="the checked copy on the server (its name is the one the code printed)")
     url: str = Field(description="where to GET the image bytes")
 
 
