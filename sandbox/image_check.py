@@ -18,6 +18,7 @@ children are kept warm (one per concurrent check), since starting one costs ~0.2
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -129,6 +130,14 @@ _idle: list[_Checker] = []
 _lock = threading.Lock()
 
 
+def _forget_after_fork() -> None:
+    """A forked process (a data loader, an eval worker) must not share its parent's checkers: their answers would
+    cross. It starts its own on first use."""
+    global _lock
+    _lock = threading.Lock()
+    _idle.clear()
+
+
 def check_image(fd: int, max_pixels: int, *, allow_animated: bool = False,
                 timeout_s: float | None = None) -> ImageHeader:  # fmt: skip
     """Reads the header of the open file ``fd`` in a bounded child.
@@ -191,6 +200,10 @@ def close_checkers() -> None:
         idle, _idle[:] = list(_idle), []
     for checker in idle:
         checker.kill()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+atexit.register(close_checkers)
 
 
 # ---- the child -------------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
 
     class RequestDeadlineProtocol(base):  # type: ignore[valid-type, misc]
         # Relies on two attributes both uvicorn protocols have: ``cycle`` (the current request) and its
-        # ``more_body`` (False once the body is complete); tests/sandbox/test_server_guard.py checks both paths.
+        # ``more_body`` (False once the body is complete). tests/sandbox/test_server_guard.py covers the h11 one (the
+        # dev install has no httptools).
         _deadline: asyncio.TimerHandle | None = None
         _armed_cycle: Any = None  # the request whose response re-armed the deadline (already complete)
 
