@@ -200,3 +200,36 @@ def test_replacement_worker_gets_the_old_files_but_never_a_linked_one(small_imag
         new_uid = (session.scratch_dir / "mine.txt").stat().st_uid
         assert new_uid not in (0, os.getuid())
         assert secret.stat().st_uid == os.getuid() and secret.stat().st_mode & 0o777 == 0o600
+
+
+_FORK_SCRIPT = """
+import os, sys
+from PIL import Image
+from thyme.sandbox import image_check
+a, b = sys.argv[1], sys.argv[2]
+Image.new('RGB', (3, 2)).save(a)
+Image.new('RGB', (5, 7)).save(b)
+def size(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        header = image_check.check_image(fd, 1000)
+    finally:
+        os.close(fd)
+    return header.width, header.height
+assert size(a) == (3, 2)
+parents = {c.process.pid for c in image_check._idle}
+pid = os.fork()
+if pid == 0:
+    ok = image_check._idle == [] and all(size(b) == (5, 7) for _ in range(20))
+    os._exit(0 if ok and not parents & {c.process.pid for c in image_check._idle} else 1)
+same = all(size(a) == (3, 2) for _ in range(20))
+_, status = os.waitpid(pid, 0)
+print(same, os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_process_gets_its_own_checker(tmp_path: Path) -> None:
+    # In a fresh interpreter: forking pytest itself (with the pool's threads) is not safe.
+    run = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.stdout.split() == ["True", "0"], run.stderr
