@@ -81,7 +81,10 @@ class Sandbox:
         self.root = root
         # Returned images are copied here: beside the work dir, not in it, so the workers (which may write the
         # work dir) never reach them.
-        self._results_root = Path(tempfile.mkdtemp(prefix="thyme-results-", dir=root.parent))
+        try:
+            self._results_root = Path(tempfile.mkdtemp(prefix="thyme-results-", dir=root.parent))
+        except OSError:  # a work_dir whose parent is not ours to write
+            self._results_root = Path(tempfile.mkdtemp(prefix="thyme-results-")).resolve()
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._kept_dirs: list[Path] = []
         self._closed = False
