@@ -233,3 +233,37 @@ def test_a_forked_process_gets_its_own_checker(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, str(tmp_path / "a.png"), str(tmp_path / "b.png")],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.stdout.split() == ["True", "0"], run.stderr
+
+
+class _ForgingWorker:
+    """Stands for a worker the code took over: its replies hold whatever the code wrote."""
+
+    uid = os.getuid()
+    alive = True
+
+    def __init__(self, reply: dict) -> None:
+        self.reply = reply
+
+    def request(self, message: dict, timeout_s: float) -> dict:
+        return {} if message["op"] == "open" else self.reply
+
+    def kill(self) -> None:
+        self.alive = False
+
+
+@pytest.mark.parametrize("reply", [
+    {"stdout": ["not", "text"], "repairs": "not a list", "processed_path": {"a": 1}, "processed_path_is_str": "yes"},
+    {"stdout": "\ud800" * 1000 + "\x00", "repairs": [1, None], "processed_path": "\x00" * 5000},
+    {"stdout": 12, "error": ["forged"]},
+    {"stdout": ALIAS + "../../../../etc/passwd.png", "processed_path": "../" * 3000, "processed_path_is_str": True},
+])  # fmt: skip
+def test_malformed_reply_fields_never_make_run_raise(small_image: Path, tmp_path: Path, reply: dict) -> None:
+    from thyme.sandbox import Limits, RepairConfig
+
+    work = tmp_path / "work"
+    work.mkdir()
+    with Session([str(small_image)], "forged", work, Limits(), RepairConfig(), lambda: _ForgingWorker(reply),
+                 tmp_path) as session:  # fmt: skip
+        result = session.run("print(1)")
+    assert result.images == []
+    json.dumps(result.to_dict(), ensure_ascii=False).encode("utf-8")
