@@ -87,7 +87,7 @@ def collect_images(stdout: str, processed_path: str | None, processed_is_str: bo
     try:
         scratch_fd = os.open(scratch, _OPEN_FLAGS | os.O_DIRECTORY)
     except OSError as exc:
-        return [], f"the scratch dir could not be opened ({os.strerror(exc.errno or 0)}): no image can be returned."
+        return [], f"The scratch dir could not be opened ({os.strerror(exc.errno or 0)}): no image can be returned."
     run = _Run(scratch_fd, target_dir, max_file_bytes, max_total_bytes, max_pixels)
     try:
         return _collect(run, stdout, processed_path, processed_is_str, scratch)
@@ -108,7 +108,7 @@ def _collect(run: _Run, stdout: str, processed_path: str | None, processed_is_st
         relative = scratch_relative(printed, scratch)
         if relative is None:
             continue
-        copy = _take(run, relative, printed)
+        copy = _take(run, relative)
         if copy is None:
             if missing is None and os.path.isabs(printed):
                 missing = printed  # a bare name in a sentence ("the input is 17127.jpg") is not a claim of a result
@@ -119,7 +119,7 @@ def _collect(run: _Run, stdout: str, processed_path: str | None, processed_is_st
         if relative is None:
             where = f"which is not a valid file path in {scratch}."
             return [], f"'processed_path' variable set to {_shown(processed_path)}, {where}"
-        copy = _take(run, relative, processed_path)
+        copy = _take(run, relative)
         if copy is None:
             return [], f"'processed_path' variable set to {_shown(processed_path)}, but file does not exist."
         images.append(copy)
@@ -153,7 +153,7 @@ def scratch_relative(printed: str, scratch: str) -> str | None:
     return relative
 
 
-def _take(run: _Run, relative: str, printed: str) -> str | None:
+def _take(run: _Run, relative: str) -> str | None:
     """Copies one file out of the scratch dir; ``None`` when it does not exist, ``_Refused`` when it may not go."""
     name = os.path.basename(relative)
     parts = relative.split(os.sep)
