@@ -10,14 +10,18 @@ submodule (which gets its own facade). These run inside the worker process, whic
 
 from __future__ import annotations
 
+import encodings.cp437  # noqa: F401 - zipfile reads member names in cp437
+import enum
 import functools
+import logging
 import os
 import re
 import string
 import uuid
+import zipfile  # noqa: F401 - np.savez/np.load(.npz) import it lazily, once the worker can no longer read the stdlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from thyme.sandbox.errors import PolicyViolation
@@ -28,8 +32,18 @@ CV2_CONFINED_WRITES = ("imwrite",)
 # Substrings of cv2 names that open files, devices, windows or URLs; refused unless confined above.
 CV2_REFUSED_WORDS = ("read", "write", "load", "save", "video", "capture", "cascade", "storage", "file", "window",
                      "mesh", "pointcloud", "config", "samples", "dnn", "dump", "facedetectoryn")
+# Parameter names in OpenCV's signatures (docstrings and the shipped .pyi stubs) that name a file, a model or a
+# directory on disk: a function, method or constructor taking one is refused, whatever its name.
+CV2_PATH_PARAMETER = re.compile(
+    r"(?i)^(file\w*|\w*filename|\w*file|\w*path\w*|model|modelpath|modeldata|buffermodel|config|bufferconfig|"
+    r"\w*proto\w*|\w*onnx\w*|dirs?|directory|url|net|backbone|neckhead|kernel_r1|kernel_cls1)$"
+)
+_CV2_SIGNATURE = re.compile(r"^\s*[\w.]+\(([^)]*)\)\s*->", re.MULTILINE)
+CV2_FLANN_INDEX_SAVED = 254
+"""FLANN's ``algorithm`` value that loads an index from the ``filename`` of the index parameters."""
 NUMPY_REFUSED = frozenset({"fromfile", "memmap", "fromregex", "DataSource", "tofile", "ctypeslib", "f2py", "testing",
-                           "lib", "show_config", "show_runtime", "info", "test"})
+                           "lib", "show_config", "show_runtime", "info", "test", "from_dlpack", "get_include",
+                           "load_library"})
 # Not numpy.ma (ma.dump/ma.load pickle to and from files) nor numpy.rec (rec.fromfile).
 NUMPY_SUBMODULES = frozenset({"linalg", "random", "fft", "polynomial", "emath", "char", "strings"})
 PIL_SUBMODULES = frozenset({"Image", "ImageEnhance", "ImageFilter", "ImageOps", "ImageDraw", "ImageFont", "ImageStat",
@@ -37,18 +51,70 @@ PIL_SUBMODULES = frozenset({"Image", "ImageEnhance", "ImageFilter", "ImageOps", 
 # Methods of library classes that touch files or spawn viewers, by the library whose class defines them; PIL's
 # Image.save is confined instead (policy.py). For cv2 any method name containing one of the words is refused
 # (Algorithm.save, FileStorage.write, dnn_Net.dumpToFile, HOGDescriptor.load, ...).
-REFUSED_METHODS = {"numpy": frozenset({"tofile", "dump"}), "PIL": frozenset({"show"})}
+REFUSED_METHODS = {"numpy": frozenset({"tofile", "dump", "ctypes"}), "PIL": frozenset({"show", "font_variant"})}
 CV2_REFUSED_METHOD_WORDS = ("file", "dump", "save", "write", "load", "read", "open")
 STRING_NAMES = ("ascii_letters", "ascii_lowercase", "ascii_uppercase", "digits", "hexdigits", "octdigits",
                 "punctuation", "printable", "whitespace", "capwords")
 UUID_NAMES = ("uuid4", "uuid3", "uuid5", "UUID", "NAMESPACE_DNS", "NAMESPACE_URL", "NAMESPACE_OID", "NAMESPACE_X500")
+FUNCTOOLS_NAMES = ("reduce", "partial", "lru_cache", "cache", "cmp_to_key", "wraps")
+# PIL.Image by allow-list: its registries (OPEN, SAVE, ID, DECODERS...), register_* functions, logger and typing
+# helpers are ways to plugin classes and paths, and an image program needs none of them. Constants and enums of
+# the module are added to these (see _pil_image_names).
+PIL_IMAGE_NAMES = frozenset({
+    "open", "new", "fromarray", "frombytes", "frombuffer", "merge", "blend", "composite", "alpha_composite", "eval",
+    "linear_gradient", "radial_gradient", "effect_mandelbrot", "effect_noise", "getmodebands", "getmodebase",
+    "getmodetype", "getmodebandnames", "Image", "Exif", "UnidentifiedImageError", "DecompressionBombError",
+    "DecompressionBombWarning", "MAX_IMAGE_PIXELS", "MODES",
+})
+STDLIB_REFUSED = {"time": frozenset({"get_clock_info"})}
+"""``time.get_clock_info`` returns a ``SimpleNamespace``, whose class takes any attribute name."""
 
 
-def is_refused_method(library: str, name: str) -> bool:
-    """Whether attribute ``name`` of a class from ``library`` (a top-level package name) is refused."""
+def is_refused_method(library: str, name: str, value: Any = None) -> bool:
+    """Whether attribute ``name`` (holding ``value``) of a class from ``library`` (a top-level package) is refused."""
     if library == "cv2":
-        return any(word in name.lower() for word in CV2_REFUSED_METHOD_WORDS)
+        return any(word in name.lower() for word in CV2_REFUSED_METHOD_WORDS) or cv2_takes_path(value)
     return name in REFUSED_METHODS.get(library, ())
+
+
+def cv2_takes_path(value: Any) -> bool:
+    """Whether an OpenCV function or method has a file, model or directory parameter in its signature."""
+    doc = getattr(value, "__doc__", None) if callable(value) else None
+    if not isinstance(doc, str):
+        return False
+    return any(CV2_PATH_PARAMETER.match(parameter)
+               for match in _CV2_SIGNATURE.finditer(doc) for parameter in re.findall(r"\w+", match.group(1)))
+
+
+PIL_CORE_TYPES = frozenset({"ImagingCore", "ImagingDraw", "ImagingFont", "Font", "ImagingDecoder", "ImagingEncoder"})
+"""PIL's C objects behind ``im.im``, ``draw.draw``, ``font.font``: raw pixel buffers (``ptr``) and unchecked
+operations that PIL's Python layer validates before calling them. The code uses the Python layer."""
+
+
+def is_unsafe_value(value: Any) -> bool:
+    """Values no attribute may hand the code, whatever object holds them.
+
+    Modules (a way to os/sys), metaclasses and member-less enums (they build classes from a dict, so a class can
+    carry ``__array_interface__`` pointing at any address), ``SimpleNamespace`` (an object with any attribute name),
+    ``PyCapsule`` (raw C pointers numpy accepts as ``__array_struct__``), ctypes objects (``from_address``) and
+    loggers (their handlers open files).
+    """
+    if isinstance(value, (ModuleType, SimpleNamespace, logging.Logger)) or value is SimpleNamespace:
+        return True
+    if isinstance(value, type):
+        if issubclass(value, type) or issubclass(value, (logging.Handler, logging.Manager)):
+            return True
+        if isinstance(value, enum.EnumMeta) and len(value.__members__) == 0:
+            return True
+        return _top_package(value) in ("ctypes", "_ctypes")
+    kind = type(value)
+    if kind.__module__ == "builtins" and kind.__name__ in PIL_CORE_TYPES | {"PyCapsule"}:
+        return True
+    return _top_package(kind) in ("ctypes", "_ctypes")
+
+
+def _top_package(cls: type) -> str:
+    return str(getattr(cls, "__module__", None) or "").split(".")[0]
 
 
 class PathPolicy:
@@ -111,7 +177,8 @@ class PathPolicy:
                     f"the scratch dir already holds {used // 2**20} MiB, over the limit of "
                     f"{self.max_scratch_bytes // 2**20} MiB: save fewer or smaller files"
                 )
-            os.makedirs(os.path.dirname(real), exist_ok=True)
+            if not os.path.isdir(os.path.dirname(real)):  # the scratch dir's own parent is not the code's to touch
+                os.makedirs(os.path.dirname(real), exist_ok=True)
             return real
         raise PolicyViolation(f"writing {path!r} is not allowed: save files under {OUTPUT_ALIAS}")
 
@@ -150,8 +217,11 @@ class ModuleFacade:
         refused = f"{self._name}.{attr} is not available in the sandbox"
         if attr.startswith("_") or self._module is None or (self._exported is not None and attr not in self._exported):
             raise AttributeError(refused)
-        value = getattr(self._module, attr)
-        if isinstance(value, ModuleType) or (self._refuse is not None and self._refuse(attr, value)):
+        try:
+            value = getattr(self._module, attr)
+        except ImportError as exc:  # numpy's lazy submodules (np.testing imports unittest, unreadable by now)
+            raise AttributeError(refused) from exc
+        if is_unsafe_value(value) or (self._refuse is not None and self._refuse(attr, value)):
             raise AttributeError(refused)
         return value
 
@@ -182,13 +252,16 @@ def build_modules(paths: PathPolicy) -> dict[str, Any]:
     import statistics
     import time
 
-    modules: dict[str, Any] = {
-        module.__name__: module
-        for module in (collections, datetime, decimal, fractions, itertools, json, math, random, statistics, time,
-                       cmath, re)
-    }
-    modules["functools"] = ModuleFacade("functools", functools, {}, exported=("reduce", "partial", "lru_cache",
-                                                                             "cache", "cmp_to_key", "wraps"))
+    # Every module is a facade, also the harmless ones: `from fractions import sys` reads an attribute of what
+    # import returned without going through _getattr_, so the facade is where a module value must be refused.
+    modules: dict[str, Any] = {}
+    for module in (collections, datetime, decimal, fractions, itertools, json, math, random, statistics, time, cmath,
+                   re):
+        refused = STDLIB_REFUSED.get(module.__name__, frozenset())
+        modules[module.__name__] = ModuleFacade(module.__name__, module, {}, refuse=lambda n, _v, r=refused: n in r)
+    object.__getattribute__(modules["collections"], "_submodules")["abc"] = ModuleFacade(
+        "collections.abc", collections.abc, {})
+    modules["functools"] = ModuleFacade("functools", functools, {"wraps": _plain_wraps}, exported=FUNCTOOLS_NAMES)
     modules["string"] = ModuleFacade("string", string, {}, exported=STRING_NAMES)
     modules["uuid"] = ModuleFacade("uuid", uuid, {}, exported=UUID_NAMES)
     modules["os"] = _os_facade(paths)
@@ -196,6 +269,18 @@ def build_modules(paths: PathPolicy) -> dict[str, Any]:
     modules["numpy"] = _numpy_facade(paths)
     modules["PIL"] = _pil_facade(paths)
     return modules
+
+
+def _plain_wraps(wrapped: Any, **options: Any) -> Callable[[Any], Any]:
+    """``functools.wraps`` with its default attribute names only: ``assigned``/``updated`` would copy any named
+    attribute, or a whole ``__dict__``, from one object to another."""
+    if options:
+        raise PolicyViolation("functools.wraps takes only the wrapped function in the sandbox (no assigned/updated)")
+
+    def decorate(wrapper: Any) -> Any:
+        return functools.update_wrapper(wrapper, wrapped, assigned=functools.WRAPPER_ASSIGNMENTS, updated=())
+
+    return decorate
 
 
 def confined_open(paths: PathPolicy) -> Callable[..., Any]:
@@ -240,10 +325,63 @@ def _os_facade(paths: PathPolicy) -> ModuleFacade:
     return ModuleFacade("os", None, overrides, submodules={"path": path_facade})
 
 
-def _refuse_cv2(name: str, value: Any) -> bool:
+def _refuse_cv2(name: str, value: Any, path_classes: frozenset[str]) -> bool:
     if isinstance(value, (int, float, str)):
         return False
-    return any(word in name.lower() for word in CV2_REFUSED_WORDS)
+    if any(word in name.lower() for word in CV2_REFUSED_WORDS) or cv2_takes_path(value) or name in path_classes:
+        return True
+    return name.split("_")[0] in {cls.split("_")[0] for cls in path_classes if cls.endswith("_Params")}
+
+
+@functools.cache
+def cv2_path_classes() -> frozenset[str]:
+    """OpenCV classes whose constructor, methods or parameter structs name a file (refused as a whole).
+
+    Constructors have no docstring in cv2: their signatures come from the ``.pyi`` stubs OpenCV ships (``FontFace(
+    fontPathOrName)``). A class with a method taking a path other than the ``read``/``write``/``save``/``load``
+    family (refused by name everywhere) is refused too (``ANNIndex.setOnDiskBuild``), and so is a ``*_Params``
+    struct with text fields (the model files of the dnn trackers) together with the functions named like it.
+    Cached: the worker computes it during its warm imports (see ``execution.py``), while the stubs are readable.
+    """
+    import cv2
+
+    refused = set(_stub_path_constructors(cv2)) | {"flann_Index"}
+    for name in dir(cv2):
+        value = getattr(cv2, name, None)
+        if name.startswith("_") or not isinstance(value, type):
+            continue
+        for method in dir(value):
+            if method.startswith("_") or any(word in method.lower() for word in CV2_REFUSED_METHOD_WORDS):
+                continue
+            if cv2_takes_path(getattr(value, method, None)):
+                refused.add(name)
+        if name.endswith("_Params"):
+            try:
+                instance = value()
+            except Exception:  # noqa: BLE001 - a struct without a default constructor has no default paths
+                continue
+            if any(isinstance(getattr(instance, field, None), str) for field in dir(instance)
+                   if not field.startswith("_")):
+                refused.add(name)
+    return frozenset(refused)
+
+
+def _stub_path_constructors(cv2: ModuleType) -> set[str]:
+    """Names (``Class`` or ``sub_Class``) of stub classes with an ``__init__`` parameter that names a file."""
+    root = Path(os.path.dirname(cv2.__file__))
+    found: set[str] = set()
+    for stub in root.rglob("__init__.pyi"):
+        prefix = "_".join(stub.parent.relative_to(root).parts)
+        current = ""
+        for line in stub.read_text(errors="replace").splitlines():
+            cls = re.match(r"class (\w+)", line)
+            if cls:
+                current = f"{prefix}_{cls.group(1)}" if prefix else cls.group(1)
+            init = re.match(r"\s+def __init__\(self,?(.*)\)", line)
+            if current and init and any(CV2_PATH_PARAMETER.match(p.split(":")[0].strip().lstrip("*"))
+                                        for p in init.group(1).split(",") if p.strip()):
+                found.add(current)
+    return found
 
 
 def _cv2_facade(paths: PathPolicy) -> ModuleFacade:
@@ -266,8 +404,23 @@ def _cv2_facade(paths: PathPolicy) -> ModuleFacade:
             paths.check_pixels(int(shape[1]), int(shape[0]), "the image to save")
         return bool(cv2.imwrite(real, img, *args))
 
-    overrides = {"imread": imread, "imreadmulti": imreadmulti, "imwrite": imwrite}
-    return ModuleFacade("cv2", cv2, overrides, refuse=_refuse_cv2)
+    def flann_checked(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def confined(*args: Any, **kwargs: Any) -> Any:
+            for params in (*args, *kwargs.values()):
+                if isinstance(params, dict) and (params.get("algorithm") == CV2_FLANN_INDEX_SAVED
+                                                 or any("file" in str(key).lower() for key in params)):
+                    raise PolicyViolation("a FLANN index saved on disk (algorithm 254, 'filename') is not available "
+                                          "in the sandbox: build the index from the descriptors")
+            return function(*args, **kwargs)
+
+        return confined
+
+    overrides = {"imread": imread, "imreadmulti": imreadmulti, "imwrite": imwrite,
+                 "FlannBasedMatcher": flann_checked(cv2.FlannBasedMatcher),
+                 "FlannBasedMatcher_create": flann_checked(cv2.FlannBasedMatcher_create)}
+    path_classes = cv2_path_classes()
+    return ModuleFacade("cv2", cv2, overrides, refuse=lambda name, value: _refuse_cv2(name, value, path_classes))
 
 
 def _numpy_facade(paths: PathPolicy) -> ModuleFacade:
@@ -328,12 +481,43 @@ def _pil_facade(paths: PathPolicy) -> ModuleFacade:
             overrides.update(truetype=font_reader(module.truetype), load=font_reader(module.load))
         refuse = None
         if name == "Image":
-            refuse = lambda attr, _v: attr in {"register_open", "register_save", "init", "preinit"}  # noqa: E731
+            refuse = lambda attr, value: not _pil_image_name(attr, value)  # noqa: E731
         elif name == "ImageFont":
             # load_path searches sys.path; FreeTypeFont(path) would open any file (truetype() is confined instead)
             refuse = lambda attr, _v: attr in {"load_path", "FreeTypeFont"}  # noqa: E731
         submodules[name] = ModuleFacade(f"PIL.{name}", module, overrides, refuse=refuse)
+    _confine_freetype(paths)
     return ModuleFacade("PIL", None, {}, submodules=submodules)
+
+
+def _pil_image_name(name: str, value: Any) -> bool:
+    """The allow-list of ``PIL.Image``: the listed names, number and text constants, and enums."""
+    if name in PIL_IMAGE_NAMES:
+        return True
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return name.isupper()
+    return isinstance(value, enum.EnumMeta) and len(value.__members__) > 0
+
+
+def _confine_freetype(paths: PathPolicy) -> None:
+    """Checks the font path wherever a ``FreeTypeFont`` is made: ``truetype()``, ``type(font)(path)``,
+    ``font.font_variant(font=path)``. FreeType opens the file in C, out of reach of the audit hook (audit.py).
+
+    The class is patched in place: the worker process serves this one session and is then thrown away.
+    """
+    from PIL import ImageFont
+
+    original = ImageFont.FreeTypeFont.__init__
+    original = getattr(original, "unconfined", original)
+
+    @functools.wraps(original)
+    def init(self: Any, font: Any = None, *args: Any, **kwargs: Any) -> None:
+        if isinstance(font, (str, bytes, os.PathLike)):
+            font = paths.readable(os.fsdecode(font))
+        original(self, font, *args, **kwargs)
+
+    init.unconfined = original  # type: ignore[attr-defined]
+    ImageFont.FreeTypeFont.__init__ = init  # type: ignore[method-assign]
 
 
 def _disk_usage(directory: str) -> int:
