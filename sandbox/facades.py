@@ -217,10 +217,11 @@ class ModuleFacade:
         refused = f"{self._name}.{attr} is not available in the sandbox"
         if attr.startswith("_") or self._module is None or (self._exported is not None and attr not in self._exported):
             raise AttributeError(refused)
-        try:
-            value = getattr(self._module, attr)
-        except ImportError as exc:  # numpy's lazy submodules (np.testing imports unittest, unreadable by now)
-            raise AttributeError(refused) from exc
+        if attr not in vars(self._module) and hasattr(self._module, "__getattr__"):
+            # a lazy attribute (numpy's testing, f2py, ctypeslib, ma...): refused without importing it, since the
+            # import itself reads files and runs module code
+            raise AttributeError(refused)
+        value = getattr(self._module, attr)
         if is_unsafe_value(value) or (self._refuse is not None and self._refuse(attr, value)):
             raise AttributeError(refused)
         return value

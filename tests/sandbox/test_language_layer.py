@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shutil
+import tempfile
 import types
 import uuid
 from collections.abc import Iterator
@@ -36,12 +38,15 @@ def strict() -> Iterator[Sandbox]:
 
 
 @pytest.fixture(scope="module")
-def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("secrets") / "secret.txt"
+def secret_file() -> Iterator[Path]:
+    """A world-readable secret outside pytest's private (0700) temp dir, so only the sandbox keeps it unread."""
+    folder = Path(tempfile.mkdtemp(prefix="thyme-lang-secret-"))
+    folder.chmod(0o755)
+    path = folder / "secret.txt"
     path.write_text(SECRET)
     path.chmod(0o644)
-    path.parent.chmod(0o755)
-    return path
+    yield path
+    shutil.rmtree(folder)
 
 
 @pytest.fixture(scope="module")
