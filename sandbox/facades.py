@@ -43,7 +43,7 @@ CV2_FLANN_INDEX_SAVED = 254
 """FLANN's ``algorithm`` value that loads an index from the ``filename`` of the index parameters."""
 NUMPY_REFUSED = frozenset({"fromfile", "memmap", "fromregex", "DataSource", "tofile", "ctypeslib", "f2py", "testing",
                            "lib", "show_config", "show_runtime", "info", "test", "from_dlpack", "get_include",
-                           "load_library"})
+                           "load_library", "recarray"})
 # Not numpy.ma (ma.dump/ma.load pickle to and from files) nor numpy.rec (rec.fromfile).
 NUMPY_SUBMODULES = frozenset({"linalg", "random", "fft", "polynomial", "emath", "char", "strings"})
 PIL_SUBMODULES = frozenset({"Image", "ImageEnhance", "ImageFilter", "ImageOps", "ImageDraw", "ImageFont", "ImageStat",
@@ -446,11 +446,42 @@ def _numpy_facade(paths: PathPolicy) -> ModuleFacade:
 
         return confined
 
-    overrides: dict[str, Any] = {"load": load, "loadtxt": reader(np.loadtxt), "genfromtxt": reader(np.genfromtxt)}
+    overrides: dict[str, Any] = {"load": load, "loadtxt": reader(np.loadtxt), "genfromtxt": reader(np.genfromtxt),
+                                 "ndarray": ndarray_standin()}
     for name in ("save", "savez", "savez_compressed", "savetxt"):
         overrides[name] = writer(getattr(np, name))
     submodules = {name: ModuleFacade(f"numpy.{name}", getattr(np, name), {}) for name in NUMPY_SUBMODULES}
     return ModuleFacade("numpy", np, overrides, refuse=lambda name, _v: name in NUMPY_REFUSED, submodules=submodules)
+
+
+@functools.cache
+def ndarray_standin() -> type:
+    """What ``np.ndarray`` and ``type(array)`` are in the sandbox: ``np.ndarray`` itself, except that its constructor
+    refuses an object dtype over a ``buffer``.
+
+    ``np.ndarray((1,), object, buffer=bytearray(8))`` is accepted by numpy and reads the bytes as object pointers:
+    a forged pointer is a forged object, the end of every other guard. The stand-in is a real subclass (so
+    ``class A(np.ndarray)``, ``view(A)`` and ``np.ndarray.tofile``'s refusal work as before) whose metaclass makes
+    ``isinstance(x, np.ndarray)`` true for every array and builds plain arrays when called.
+    """
+    import numpy as np
+
+    def check(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        buffer = kwargs.get("buffer", args[2] if len(args) > 2 else None)
+        dtype = kwargs.get("dtype", args[1] if len(args) > 1 else float)
+        if buffer is not None and np.dtype(dtype).hasobject:
+            raise PolicyViolation("np.ndarray with an object dtype over a buffer is not available in the sandbox")
+
+    class Checked(type):
+        def __instancecheck__(cls, obj: Any) -> bool:
+            return isinstance(obj, np.ndarray) if cls is standin else type.__instancecheck__(cls, obj)
+
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            check(args, kwargs)
+            return np.ndarray(*args, **kwargs) if cls is standin else type.__call__(cls, *args, **kwargs)
+
+    standin = Checked("ndarray", (np.ndarray,), {"__module__": "numpy", "__qualname__": "ndarray"})
+    return standin
 
 
 def _pil_facade(paths: PathPolicy) -> ModuleFacade:

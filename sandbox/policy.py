@@ -30,7 +30,7 @@ from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack
 from RestrictedPython.transformer import ALLOWED_FUNC_NAMES, INSPECT_ATTRIBUTES
 
 from thyme.sandbox.errors import PolicyViolation
-from thyme.sandbox.facades import ModuleFacade, PathPolicy, is_refused_method, is_unsafe_value
+from thyme.sandbox.facades import ModuleFacade, PathPolicy, is_refused_method, is_unsafe_value, ndarray_standin
 
 ALLOWED_IMPORTS = frozenset({"cv2", "numpy", "PIL", "math", "cmath", "random", "re", "json", "collections",
                              "itertools", "functools", "statistics", "fractions", "decimal", "datetime", "time",
@@ -305,6 +305,8 @@ def _guarded_type(*args: Any, **kwargs: Any) -> Any:
         kind = type(args[0])
         if kind is type:
             return _guarded_type
+        if kind.__module__ == "numpy" and kind.__name__ == "ndarray":
+            return ndarray_standin()
         if is_unsafe_value(kind):
             raise PolicyViolation(f"type() of a {kind.__name__} object is not available in the sandbox")
         return kind

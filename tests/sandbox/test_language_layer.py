@@ -197,6 +197,24 @@ RAW_MEMORY = {
     "strides_out_of_bounds": ("import numpy as np\na = np.zeros(4, np.uint8)\na.strides = (4096,)\n"
                               "print(a.tobytes().hex())", "strides is not compatible"),
     "dlpack": ("import numpy as np\nprint(np.from_dlpack)", "numpy.from_dlpack is not available"),
+    # object references read from bytes the code wrote: a forged pointer is a forged object
+    "object_array_over_buffer": ("import numpy as np\ns = '{marker}'\nb = bytearray(id(s).to_bytes(8, 'little'))\n"
+                                 "a = np.ndarray((1,), object, buffer=b)\nprint(a[0])",
+                                 "np.ndarray with an object dtype over a buffer is not available"),
+    "object_array_via_type": ("import numpy as np\ns = '{marker}'\nb = bytearray(id(s).to_bytes(8, 'little'))\n"
+                              "a = type(np.zeros(1))((1,), object, b)\nprint(a[0])",
+                              "np.ndarray with an object dtype over a buffer is not available"),
+    "object_array_via_subclass": ("import numpy as np\ns = '{marker}'\nclass A(np.ndarray):\n    pass\n"
+                                  "b = bytearray(id(s).to_bytes(8, 'little'))\n"
+                                  "print(A((1,), [('f', 'O')], buffer=b)[0])",
+                                  "np.ndarray with an object dtype over a buffer is not available"),
+    "object_recarray": ("import numpy as np\nprint(np.recarray((1,), [('f', 'O')], buf=bytearray(8)))",
+                        "numpy.recarray is not available"),
+    "object_view": ("import numpy as np\ns = '{marker}'\nb = np.frombuffer(bytearray(id(s).to_bytes(8, 'little')), "
+                    "np.uint8)\nprint(b.view(object)[0])", "Cannot change data-type for array of references"),
+    "object_frombuffer": ("import numpy as np\ns = '{marker}'\n"
+                          "print(np.frombuffer(bytearray(id(s).to_bytes(8, 'little')), object)[0])",
+                          "cannot create an OBJECT array from memory buffer"),
 }
 
 
@@ -423,6 +441,12 @@ LEGIT = {
                      "m = cv2.FlannBasedMatcher(dict(algorithm=1, trees=2), dict(checks=16))\n"
                      "print(len(m.knnMatch(a, a, k=1)), len(cv2.BFMatcher().match(a, a)))",
                      "20 20\n"),
+    "ndarray_class_checks": ("import numpy as np\nclass A(np.ndarray):\n    pass\nv = np.zeros(3).view(A)\n"
+                             "print(isinstance(np.zeros(1), np.ndarray), isinstance(v, A), "
+                             "type(np.ones(2)) is np.ndarray, "
+                             "issubclass(A, np.ndarray), np.ndarray((2,), np.uint8, bytearray(b'ab')).tolist(), "
+                             "repr(np.ndarray((1,), np.int8, b'x')))",
+                             "True True True True [97, 98] array([120], dtype=int8)\n"),
     "functools_and_namedtuple": ("import functools, collections\ndef f(x):\n    return x + 1\n"
                                  "@functools.wraps(f)\ndef g(x):\n    return f(x) * 2\n"
                                  "P = collections.namedtuple('P', 'x y')\nprint(g(1), P(1, 2).y, "
