@@ -466,18 +466,24 @@ def ndarray_standin() -> type:
     """
     import numpy as np
 
-    def check(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def checked(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments with the dtype converted once (a ``dtype`` property could answer differently twice)."""
+        args, kwargs = list(args), dict(kwargs)
+        if len(args) > 1:
+            args[1] = dtype = np.dtype(args[1])
+        else:
+            kwargs["dtype"] = dtype = np.dtype(kwargs.get("dtype", float))
         buffer = kwargs.get("buffer", args[2] if len(args) > 2 else None)
-        dtype = kwargs.get("dtype", args[1] if len(args) > 1 else float)
-        if buffer is not None and np.dtype(dtype).hasobject:
+        if buffer is not None and dtype.hasobject:
             raise PolicyViolation("np.ndarray with an object dtype over a buffer is not available in the sandbox")
+        return tuple(args), kwargs
 
     class Checked(type):
         def __instancecheck__(cls, obj: Any) -> bool:
             return isinstance(obj, np.ndarray) if cls is standin else type.__instancecheck__(cls, obj)
 
         def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-            check(args, kwargs)
+            args, kwargs = checked(args, kwargs)
             return np.ndarray(*args, **kwargs) if cls is standin else type.__call__(cls, *args, **kwargs)
 
     standin = Checked("ndarray", (np.ndarray,), {"__module__": "numpy", "__qualname__": "ndarray"})

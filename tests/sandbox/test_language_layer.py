@@ -226,6 +226,17 @@ def test_numpy_routes_to_raw_memory_are_closed(shared, name: str) -> None:
     _assert_refused(result, message)
 
 
+def test_ndarray_dtype_is_read_once(shared) -> None:
+    """A ``dtype`` property that answers ``u8`` to the check and ``object`` to numpy gets one answer: ``u8``."""
+    code = ("import numpy as np\ns = '{marker}'\nclass D:\n    def __init__(self):\n        self.n = 0\n"
+            "    def get(self):\n        self.n += 1\n"
+            "        return np.dtype('u8') if self.n == 1 else np.dtype(object)\n    dtype = property(get)\n"
+            "b = bytearray(id(s).to_bytes(8, 'little'))\nprint(np.ndarray((1,), D(), buffer=b)[0] == id(s))")
+    result = shared.run(code.replace("{marker}", MARKER))
+    assert not _leaked_memory(result.stdout)
+    assert result.ok and result.stdout == "True\n", result.error
+
+
 # --- library classes, registries and methods that open a path --------------------------------------------------
 READ_ROUTES = {
     "fileio_class_of_a_file_object": ("f = open(image_path, 'rb')\nprint(type(f.raw)('{secret}').read())",
