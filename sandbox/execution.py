@@ -11,7 +11,7 @@ from typing import Any
 
 from thyme.sandbox import audit
 from thyme.sandbox.errors import PolicyViolation
-from thyme.sandbox.facades import PathPolicy, build_modules, confined_open, cv2_path_classes
+from thyme.sandbox.facades import PathPolicy, build_modules, confined_open, cv2_path_constructors
 from thyme.sandbox.limits import Limits
 from thyme.sandbox.policy import PrintCollector, compile_code, make_globals
 from thyme.sandbox.repair import RepairConfig, RepairContext, repair_source
@@ -20,7 +20,7 @@ PRESEEDED_MODULES = {"os": "os", "random": "random", "string": "string", "math":
                      "cv2": "cv2", "np": "numpy", "numpy": "numpy"}
 """Names the original put in the namespace before the code ran (reference 2.3); the weights rely on some."""
 
-cv2_path_classes()  # computed here, during the worker's warm imports, while OpenCV's stubs are still readable
+cv2_path_constructors()  # computed here, during the worker's warm imports, while OpenCV's stubs are still readable
 
 
 class CodeRunner:

@@ -326,63 +326,69 @@ def _os_facade(paths: PathPolicy) -> ModuleFacade:
     return ModuleFacade("os", None, overrides, submodules={"path": path_facade})
 
 
-def _refuse_cv2(name: str, value: Any, path_classes: frozenset[str]) -> bool:
+def _refuse_cv2(name: str, value: Any) -> bool:
+    """Whether a top-level cv2 name is refused: by the words in its name, or because it reaches a file.
+
+    A function whose signature names a file, model or directory; a class whose constructor does (from the ``.pyi``
+    stubs OpenCV ships: constructors have no docstring, ``FontFace(fontPathOrName)``) or one of whose methods does,
+    other than the ``read``/``write``/``save``/``load`` family refused by name everywhere (``ANNIndex.
+    setOnDiskBuild``); and every name of a family whose ``*_Params`` struct holds text fields (the model files of
+    the dnn trackers: ``TrackerNano``, ``TrackerNano_create``, ``TrackerNano_Params``). Decided on access, so a
+    session pays only for the names its code uses.
+    """
     if isinstance(value, (int, float, str)):
         return False
-    if any(word in name.lower() for word in CV2_REFUSED_WORDS) or cv2_takes_path(value) or name in path_classes:
+    if any(word in name.lower() for word in CV2_REFUSED_WORDS) or cv2_takes_path(value):
         return True
-    return name.split("_")[0] in {cls.split("_")[0] for cls in path_classes if cls.endswith("_Params")}
+    if name in cv2_path_constructors() or _family_params_hold_paths(name.split("_")[0]):
+        return True
+    return isinstance(value, type) and _class_method_takes_path(value)
 
 
 @functools.cache
-def cv2_path_classes() -> frozenset[str]:
-    """OpenCV classes whose constructor, methods or parameter structs name a file (refused as a whole).
+def _class_method_takes_path(cls: type) -> bool:
+    return any(cv2_takes_path(getattr(cls, method, None)) for method in dir(cls)
+               if not method.startswith("_") and not any(word in method.lower() for word in CV2_REFUSED_METHOD_WORDS))
 
-    Constructors have no docstring in cv2: their signatures come from the ``.pyi`` stubs OpenCV ships (``FontFace(
-    fontPathOrName)``). A class with a method taking a path other than the ``read``/``write``/``save``/``load``
-    family (refused by name everywhere) is refused too (``ANNIndex.setOnDiskBuild``), and so is a ``*_Params``
-    struct with text fields (the model files of the dnn trackers) together with the functions named like it.
-    Cached: the worker computes it during its warm imports (see ``execution.py``), while the stubs are readable.
+
+@functools.cache
+def _family_params_hold_paths(prefix: str) -> bool:
+    import cv2
+
+    params = getattr(cv2, f"{prefix}_Params", None)
+    if not isinstance(params, type):
+        return False
+    try:
+        instance = params()
+    except Exception:  # noqa: BLE001 - a struct without a default constructor has no default paths to show
+        return True
+    return any(isinstance(getattr(instance, field, None), str) for field in dir(instance) if not field.startswith("_"))
+
+
+_STUB_CLASS_OR_INIT = re.compile(r"^class (\w+)|^\s+def __init__\(self,?([^)]*)\)", re.MULTILINE)
+
+
+@functools.cache
+def cv2_path_constructors() -> frozenset[str]:
+    """Names (``Class`` or ``sub_Class``) of cv2 classes whose constructor takes a file, from the ``.pyi`` stubs.
+
+    Cached: the worker reads the stubs during its warm imports (see ``execution.py``), while they are readable;
+    ``flann_Index`` is added, its index parameters can name a saved index file.
     """
     import cv2
 
-    refused = set(_stub_path_constructors(cv2)) | {"flann_Index"}
-    for name in dir(cv2):
-        value = getattr(cv2, name, None)
-        if name.startswith("_") or not isinstance(value, type):
-            continue
-        for method in dir(value):
-            if method.startswith("_") or any(word in method.lower() for word in CV2_REFUSED_METHOD_WORDS):
-                continue
-            if cv2_takes_path(getattr(value, method, None)):
-                refused.add(name)
-        if name.endswith("_Params"):
-            try:
-                instance = value()
-            except Exception:  # noqa: BLE001 - a struct without a default constructor has no default paths
-                continue
-            if any(isinstance(getattr(instance, field, None), str) for field in dir(instance)
-                   if not field.startswith("_")):
-                refused.add(name)
-    return frozenset(refused)
-
-
-def _stub_path_constructors(cv2: ModuleType) -> set[str]:
-    """Names (``Class`` or ``sub_Class``) of stub classes with an ``__init__`` parameter that names a file."""
     root = Path(os.path.dirname(cv2.__file__))
-    found: set[str] = set()
+    found = {"flann_Index"}
     for stub in root.rglob("__init__.pyi"):
         prefix = "_".join(stub.parent.relative_to(root).parts)
         current = ""
-        for line in stub.read_text(errors="replace").splitlines():
-            cls = re.match(r"class (\w+)", line)
-            if cls:
-                current = f"{prefix}_{cls.group(1)}" if prefix else cls.group(1)
-            init = re.match(r"\s+def __init__\(self,?(.*)\)", line)
-            if current and init and any(CV2_PATH_PARAMETER.match(p.split(":")[0].strip().lstrip("*"))
-                                        for p in init.group(1).split(",") if p.strip()):
+        for match in _STUB_CLASS_OR_INIT.finditer(stub.read_text(errors="replace")):
+            if match.group(1):
+                current = f"{prefix}_{match.group(1)}" if prefix else match.group(1)
+            elif current and any(CV2_PATH_PARAMETER.match(part.split(":")[0].strip().lstrip("*"))
+                                 for part in match.group(2).split(",") if part.strip()):
                 found.add(current)
-    return found
+    return frozenset(found)
 
 
 def _cv2_facade(paths: PathPolicy) -> ModuleFacade:
@@ -420,8 +426,7 @@ def _cv2_facade(paths: PathPolicy) -> ModuleFacade:
     overrides = {"imread": imread, "imreadmulti": imreadmulti, "imwrite": imwrite,
                  "FlannBasedMatcher": flann_checked(cv2.FlannBasedMatcher),
                  "FlannBasedMatcher_create": flann_checked(cv2.FlannBasedMatcher_create)}
-    path_classes = cv2_path_classes()
-    return ModuleFacade("cv2", cv2, overrides, refuse=lambda name, value: _refuse_cv2(name, value, path_classes))
+    return ModuleFacade("cv2", cv2, overrides, refuse=_refuse_cv2)
 
 
 def _numpy_facade(paths: PathPolicy) -> ModuleFacade:
