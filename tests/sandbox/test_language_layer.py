@@ -420,6 +420,23 @@ def test_every_cv2_api_taking_a_string_is_refused_or_reviewed(tmp_path: Path, mo
     assert unreviewed == [], unreviewed
 
 
+def test_without_stubs_a_cv2_class_with_a_path_method_is_refused_whole(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenCV before 4.8 ships no .pyi stubs: ``FontFace(path)`` is then caught by its ``set(fontPathOrName)``."""
+    from PIL import Image, ImageFont
+
+    from thyme.sandbox import facades
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setattr(ImageFont.FreeTypeFont, "__init__", ImageFont.FreeTypeFont.__init__)
+    monkeypatch.setattr(facades, "cv2_path_constructors", lambda: frozenset())
+    cv2_facade = facades.build_modules(facades.PathPolicy(str(tmp_path), {}, 10**7, 10**8))["cv2"]
+    for name in ("FontFace", "ANNIndex"):
+        with pytest.raises(AttributeError, match=f"cv2.{name} is not available in the sandbox"):
+            getattr(cv2_facade, name)
+    assert cv2_facade.resize is not None and cv2_facade.KeyPoint is not None
+
+
 # --- the class rules do not take away what image programs use -------------------------------------------------------
 LEGIT = {
     "from_imports": ("from PIL import ImageOps, Image\nfrom collections import Counter, OrderedDict\n"
