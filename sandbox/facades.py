@@ -51,7 +51,9 @@ PIL_SUBMODULES = frozenset({"Image", "ImageEnhance", "ImageFilter", "ImageOps", 
 # Methods of library classes that touch files or spawn viewers, by the library whose class defines them; PIL's
 # Image.save is confined instead (policy.py). For cv2 any method name containing one of the words is refused
 # (Algorithm.save, FileStorage.write, dnn_Net.dumpToFile, HOGDescriptor.load, ...).
-REFUSED_METHODS = {"numpy": frozenset({"tofile", "dump", "ctypes"}), "PIL": frozenset({"show", "font_variant"})}
+# ndarray.resize(refcheck=False) frees memory that views still point at; np.resize() (a copy) is the function to use.
+REFUSED_METHODS = {"numpy": frozenset({"tofile", "dump", "ctypes", "resize"}),
+                   "PIL": frozenset({"show", "font_variant"})}
 CV2_REFUSED_METHOD_WORDS = ("file", "dump", "save", "write", "load", "read", "open")
 STRING_NAMES = ("ascii_letters", "ascii_lowercase", "ascii_uppercase", "digits", "hexdigits", "octdigits",
                 "punctuation", "printable", "whitespace", "capwords")
@@ -455,8 +457,29 @@ def _numpy_facade(paths: PathPolicy) -> ModuleFacade:
                                  "ndarray": ndarray_standin()}
     for name in ("save", "savez", "savez_compressed", "savetxt"):
         overrides[name] = writer(getattr(np, name))
-    submodules = {name: ModuleFacade(f"numpy.{name}", getattr(np, name), {}) for name in NUMPY_SUBMODULES}
+    def frombuffer(buffer: Any, *args: Any, **kwargs: Any) -> Any:
+        if holds_object_references(buffer):
+            raise PolicyViolation("np.frombuffer over an array of Python objects is not available in the sandbox")
+        return np.frombuffer(buffer, *args, **kwargs)
+
+    overrides["frombuffer"] = frombuffer
+    # chararray(buffer=...) is np.ndarray(buffer=...) again, without the stand-in's check
+    submodules = {name: ModuleFacade(f"numpy.{name}", getattr(np, name), {},
+                                     refuse=lambda attr, _v: attr == "chararray") for name in NUMPY_SUBMODULES}
     return ModuleFacade("numpy", np, overrides, refuse=lambda name, _v: name in NUMPY_REFUSED, submodules=submodules)
+
+
+def holds_object_references(buffer: Any) -> bool:
+    """Whether ``buffer`` is, or views, an array of Python objects.
+
+    numpy exports such an array's memory as a plain *writable* buffer of pointers: a uint8 view over it
+    (``np.frombuffer(a)``, ``np.ndarray(buffer=a)``, ``a.data``, ``f.readinto(a)``) writes forged object pointers.
+    """
+    import numpy as np
+
+    if isinstance(buffer, memoryview):
+        buffer = buffer.obj
+    return isinstance(buffer, np.ndarray) and buffer.dtype.hasobject
 
 
 @functools.cache
@@ -479,8 +502,9 @@ def ndarray_standin() -> type:
         else:
             kwargs["dtype"] = dtype = np.dtype(kwargs.get("dtype", float))
         buffer = kwargs.get("buffer", args[2] if len(args) > 2 else None)
-        if buffer is not None and dtype.hasobject:
-            raise PolicyViolation("np.ndarray with an object dtype over a buffer is not available in the sandbox")
+        if buffer is not None and (dtype.hasobject or holds_object_references(buffer)):
+            raise PolicyViolation("np.ndarray with an object dtype over a buffer, or over an array of Python "
+                                  "objects, is not available in the sandbox")
         return tuple(args), kwargs
 
     class Checked(type):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import builtins
 import operator
+import re
 import string
 from collections.abc import Callable
 from types import CodeType, ModuleType
@@ -30,7 +31,14 @@ from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack
 from RestrictedPython.transformer import ALLOWED_FUNC_NAMES, INSPECT_ATTRIBUTES
 
 from thyme.sandbox.errors import PolicyViolation
-from thyme.sandbox.facades import ModuleFacade, PathPolicy, is_refused_method, is_unsafe_value, ndarray_standin
+from thyme.sandbox.facades import (
+    ModuleFacade,
+    PathPolicy,
+    holds_object_references,
+    is_refused_method,
+    is_unsafe_value,
+    ndarray_standin,
+)
 
 ALLOWED_IMPORTS = frozenset({"cv2", "numpy", "PIL", "math", "cmath", "random", "re", "json", "collections",
                              "itertools", "functools", "statistics", "fractions", "decimal", "datetime", "time",
@@ -50,6 +58,9 @@ the sandbox may not define them, nor inherit a Python-level one (PIL's ``Image``
 ``tobytes``, which a subclass can override). numpy's own C-level ones, on ``ndarray``, stay."""
 REFUSED_ATTRIBUTES = frozenset({"mro"})
 """``cls.mro()`` hands out base classes such as ``enum.Enum``, whose functional API builds a class from names."""
+WRITES_INTO_BUFFER = re.compile(r"^(readinto\w*|\w+_into)$")
+"""Methods that write bytes into a buffer the caller passes (``f.readinto(a)``, ``recv_into``, ``pack_into``): over an
+array of Python objects, the bytes become object pointers. No image program needs them."""
 _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
     "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv, "//=": operator.ifloordiv,
     "%=": operator.imod, "**=": operator.ipow, "<<=": operator.ilshift, ">>=": operator.irshift,
@@ -168,6 +179,8 @@ def make_getattr(paths: PathPolicy) -> Callable[..., Any]:
         if name == "save" and isinstance(obj, type) and issubclass(obj, Image.Image):
             return lambda image, *args, **kwargs: _confined_save(paths, image)(*args, **kwargs)
         value = guarded_getattr(obj, name)
+        if name == "data" and isinstance(value, memoryview) and holds_object_references(value):
+            raise PolicyViolation("the memory of an array of Python objects is not available in the sandbox")
         library = _defining_library(obj, name)
         if is_refused_method(library, name, value) or (library == "PIL" and name == "save"):
             # the last case: `super().save(...)` in a subclass of PIL's Image, which the branches above miss
@@ -197,7 +210,8 @@ def guarded_getattr(obj: Any, name: str) -> Any:
     """
     if not isinstance(name, str):
         raise TypeError("attribute name must be a string")
-    if name.startswith("_") or name in INSPECT_ATTRIBUTES or name in REFUSED_ATTRIBUTES:
+    if (name.startswith("_") or name in INSPECT_ATTRIBUTES or name in REFUSED_ATTRIBUTES
+            or WRITES_INTO_BUFFER.match(name)):
         raise PolicyViolation(f"attribute {name!r} is not available in the sandbox")
     if name in ("format", "format_map") and (isinstance(obj, str) or (isinstance(obj, type) and issubclass(obj, str))):
         raise PolicyViolation("str.format is only available on a string directly")

@@ -200,14 +200,39 @@ RAW_MEMORY = {
     # object references read from bytes the code wrote: a forged pointer is a forged object
     "object_array_over_buffer": ("import numpy as np\ns = '{marker}'\nb = bytearray(id(s).to_bytes(8, 'little'))\n"
                                  "a = np.ndarray((1,), object, buffer=b)\nprint(a[0])",
-                                 "np.ndarray with an object dtype over a buffer is not available"),
+                                 "np.ndarray with an object dtype over a buffer"),
     "object_array_via_type": ("import numpy as np\ns = '{marker}'\nb = bytearray(id(s).to_bytes(8, 'little'))\n"
                               "a = type(np.zeros(1))((1,), object, b)\nprint(a[0])",
-                              "np.ndarray with an object dtype over a buffer is not available"),
+                              "np.ndarray with an object dtype over a buffer"),
     "object_array_via_subclass": ("import numpy as np\ns = '{marker}'\nclass A(np.ndarray):\n    pass\n"
                                   "b = bytearray(id(s).to_bytes(8, 'little'))\n"
                                   "print(A((1,), [('f', 'O')], buffer=b)[0])",
-                                  "np.ndarray with an object dtype over a buffer is not available"),
+                                  "np.ndarray with an object dtype over a buffer"),
+    # the memory of an array of Python objects, as writable bytes
+    "readinto_object_array": ("import numpy as np\nfrom PIL import ImageFont\ns = '{marker}'\n"
+                              "o = np.array([s, 1], dtype=object)\nB = type(ImageFont.load_default().path)\n"
+                              "B(id(s).to_bytes(8, 'little') * 2).readinto(o)\nprint(o)",
+                              "attribute 'readinto' is not available"),
+    "file_readinto_object_array": ("import numpy as np\nopen('p.bin', 'wb').write(bytes(16))\n"
+                                   "o = np.array(['x', 1], dtype=object)\nopen('p.bin', 'rb').readinto(o)\nprint(o)",
+                                   "attribute 'readinto' is not available"),
+    "frombuffer_object_array": ("import numpy as np\ns = '{marker}'\no = np.array([1, 2], dtype=object)\n"
+                                "v = np.frombuffer(o, np.uint8)\nv[:8] = list(id(s).to_bytes(8, 'little'))\n"
+                                "print(o[0])", "np.frombuffer over an array of Python objects is not available"),
+    "ndarray_over_object_array": ("import numpy as np\ns = '{marker}'\no = np.array([1, 2], dtype=object)\n"
+                                  "v = np.ndarray((16,), np.uint8, buffer=o)\n"
+                                  "v[:8] = list(id(s).to_bytes(8, 'little'))\nprint(o[0])",
+                                  "over an array of Python objects, is not available"),
+    "chararray_over_object_array": ("import numpy as np\ns = '{marker}'\no = np.array([1, 2], dtype=object)\n"
+                                    "c = np.char.chararray((2,), itemsize=8, buffer=o)\n"
+                                    "c[0] = id(s).to_bytes(8, 'little')\nprint(o[0])",
+                                    "numpy.char.chararray is not available"),
+    "memory_of_object_array": ("import numpy as np\ns = '{marker}'\no = np.array([1, 2], dtype=object)\n"
+                               "m = o.data\nm[:8] = id(s).to_bytes(8, 'little')\nprint(o[0])",
+                               "the memory of an array of Python objects is not available"),
+    "resize_without_refcheck": ("import numpy as np\na = np.zeros(10 ** 6, np.uint8)\nv = a[:]\n"
+                                "a.resize(16, refcheck=False)\nprint(v[-64:].tobytes().hex())",
+                                "ndarray.resize is not available"),
     "object_recarray": ("import numpy as np\nprint(np.recarray((1,), [('f', 'O')], buf=bytearray(8)))",
                         "numpy.recarray is not available"),
     "object_view": ("import numpy as np\ns = '{marker}'\nb = np.frombuffer(bytearray(id(s).to_bytes(8, 'little')), "
@@ -475,6 +500,11 @@ LEGIT = {
                      "m = cv2.FlannBasedMatcher(dict(algorithm=1, trees=2), dict(checks=16))\n"
                      "print(len(m.knnMatch(a, a, k=1)), len(cv2.BFMatcher().match(a, a)))",
                      "20 20\n"),
+    "numpy_memory_of_plain_arrays": ("import numpy as np\na = np.arange(4, dtype=np.uint8)\n"
+                                     "b = np.frombuffer(a, np.uint8)\nm = a.data\n"
+                                     "print(b.tolist(), m.nbytes, np.resize(a, 6).tolist(), "
+                                     "np.frombuffer(bytearray(b'ab'), np.uint8).tolist())",
+                                     "[0, 1, 2, 3] 4 [0, 1, 2, 3, 0, 1] [97, 98]\n"),
     "ndarray_class_checks": ("import numpy as np\nclass A(np.ndarray):\n    pass\nv = np.zeros(3).view(A)\n"
                              "print(isinstance(np.zeros(1), np.ndarray), isinstance(v, A), "
                              "type(np.ones(2)) is np.ndarray, "
