@@ -445,6 +445,67 @@ def test_every_cv2_api_taking_a_string_is_refused_or_reviewed(tmp_path: Path, mo
     assert unreviewed == [], unreviewed
 
 
+FILE_PARAMETERS = {"file", "fname", "filename", "path", "fid", "fp", "font", "fn", "filepath", "dirname", "directory"}
+REVIEWED_FILE_PARAMETER_APIS = {
+    # confined to the session by the facades (paths checked, file objects only from the confined open)
+    "numpy.load", "numpy.save", "numpy.savez", "numpy.savez_compressed", "numpy.savetxt", "numpy.loadtxt",
+    "numpy.genfromtxt", "PIL.Image.open", "PIL.ImageFont.load", "PIL.ImageFont.truetype",
+    # not a file: interp's y-coordinates, a font object, an already open file object
+    "numpy.interp", "PIL.ImageFont.TransposedFont", "PIL.Image.Exif.load_from_fp",
+    "PIL.ImageDraw.ImageDraw.multiline_text", "PIL.ImageDraw.ImageDraw.multiline_textbbox",
+    "PIL.ImageDraw.ImageDraw.text", "PIL.ImageDraw.ImageDraw.textbbox", "PIL.ImageDraw.ImageDraw.textlength",
+}
+
+
+def test_every_numpy_and_pil_api_with_a_file_parameter_is_confined_or_reviewed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Walks the numpy and PIL facades and their classes' methods (through the getattr guard) for parameters named
+    like a file: each one found is confined by the facade, refused, or reviewed as not a file."""
+    import inspect
+
+    from PIL import Image, ImageFont
+
+    from thyme.sandbox.facades import ModuleFacade, PathPolicy, build_modules
+    from thyme.sandbox.policy import make_getattr
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setattr(ImageFont.FreeTypeFont, "__init__", ImageFont.FreeTypeFont.__init__)
+    paths = PathPolicy(str(tmp_path), {}, 10**7, 10**8)
+    modules, getattr_ = build_modules(paths), make_getattr(paths)
+
+    def file_parameters(function: object) -> bool:
+        try:
+            return any(name.lower() in FILE_PARAMETERS for name in inspect.signature(function).parameters)
+        except (TypeError, ValueError):
+            return False
+
+    found: set[str] = set()
+
+    def walk(facade: ModuleFacade, label: str) -> None:
+        for name in dir(facade):
+            try:
+                value = getattr(facade, name)
+            except AttributeError:
+                continue
+            if isinstance(value, ModuleFacade):
+                walk(value, f"{label}.{name}")
+                continue
+            if callable(value) and file_parameters(value):
+                found.add(f"{label}.{name}")
+            for method in dir(value) if isinstance(value, type) else ():
+                try:
+                    bound = getattr_(value, method)
+                except Exception:  # noqa: BLE001 - refused by the guard
+                    continue
+                if callable(bound) and file_parameters(bound):
+                    found.add(f"{label}.{name}.{method}")
+
+    walk(modules["numpy"], "numpy")
+    walk(modules["PIL"], "PIL")
+    assert {"numpy.load", "PIL.Image.open"} <= found
+    assert sorted(found - REVIEWED_FILE_PARAMETER_APIS) == []
+
+
 def test_without_stubs_a_cv2_class_with_a_path_method_is_refused_whole(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """OpenCV before 4.8 ships no .pyi stubs: ``FontFace(path)`` is then caught by its ``set(fontPathOrName)``."""
