@@ -99,9 +99,12 @@ def is_unsafe_value(value: Any) -> bool:
     Modules (a way to os/sys), metaclasses and member-less enums (they build classes from a dict, so a class can
     carry ``__array_interface__`` pointing at any address), ``SimpleNamespace`` (an object with any attribute name),
     ``PyCapsule`` (raw C pointers numpy accepts as ``__array_struct__``), ctypes objects (``from_address``) and
-    loggers (their handlers open files).
+    loggers (their handlers open files), and the ``memoryview`` class (``memoryview(a).cast('B')`` is a writable
+    byte view of any buffer, an array of object pointers included).
     """
-    if isinstance(value, (ModuleType, SimpleNamespace, logging.Logger)) or value is SimpleNamespace:
+    if isinstance(value, (ModuleType, SimpleNamespace, logging.Logger)):
+        return True
+    if value is SimpleNamespace or value is memoryview:  # `is`: `in` would compare arrays elementwise
         return True
     if isinstance(value, type):
         if issubclass(value, type) or issubclass(value, (logging.Handler, logging.Manager)):

@@ -230,6 +230,10 @@ RAW_MEMORY = {
     "memory_of_object_array": ("import numpy as np\ns = '{marker}'\no = np.array([1, 2], dtype=object)\n"
                                "m = o.data\nm[:8] = id(s).to_bytes(8, 'little')\nprint(o[0])",
                                "the memory of an array of Python objects is not available"),
+    "memoryview_class_over_object_array": ("import numpy as np\ns = '{marker}'\no = np.array([1, 2], dtype=object)\n"
+                                           "M = type(np.zeros(1).data)\nm = M(o).cast('B')\n"
+                                           "m[0:8] = id(s).to_bytes(8, 'little')\nprint(o[0])",
+                                           "type() of a memoryview object is not available"),
     "resize_without_refcheck": ("import numpy as np\na = np.zeros(10 ** 6, np.uint8)\nv = a[:]\n"
                                 "a.resize(16, refcheck=False)\nprint(v[-64:].tobytes().hex())",
                                 "ndarray.resize is not available"),
