@@ -64,6 +64,7 @@ def _summary(metrics: Metrics, run_info: dict[str, Any]) -> list[str]:
         lines.append(f"- Mean of category accuracies: {_percent(metrics.macro_accuracy)} %")
     lines += [
         f"- Answers no rule could read (a judge might): {metrics.unmatched}; rows that failed: {metrics.failed}",
+        f"- Rows decided by the judge model: {metrics.judged} ({metrics.judged_correct} of them correct)",
         f"- Used code: {_percent(metrics.code_use_rate)} % of answers; generation calls per answer: "
         f"{metrics.avg_generation_calls:.2f}; answered by the fallback prompt: {_percent(metrics.fallback_rate)} %",
         f"- Sandbox runs: {metrics.sandbox_runs}, of which {_percent(metrics.sandbox_error_rate)} % ended in an error",
