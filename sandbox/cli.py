@@ -33,7 +33,7 @@ def add_sandbox_commands(subcommands: argparse._SubParsersAction[argparse.Argume
     run.add_argument("--json", action="store_true", help="print the result as one JSON object")
     run.set_defaults(handler=run_code)
 
-    from thyme.sandbox.server_cli import add_server_commands  # `serve` and `mcp`; imports only the stdlib
+    from thyme.sandbox.server.cli import add_server_commands  # `serve` and `mcp`; imports only the stdlib
 
     add_server_commands(subcommands)
 

@@ -38,7 +38,8 @@ class Sandbox:
         repairs (`RepairConfig`, *optional*): which source repairs run (defaults: all the weights expect).
         pool_size (`int`, defaults to `2`): warm workers kept ready.
         work_dir (`str` or `os.PathLike`, *optional*): where session dirs are made (default: a new temp dir).
-        url (`str`, *optional*): use a remote sandbox server instead (returns a ``RemoteSandbox``).
+        url (`str` or `list[str]`, *optional*): use a remote sandbox server instead, or several, which share the
+            sessions out (returns a ``RemoteSandbox``).
         token (`str`, *optional*): the remote server's bearer token.
 
     Example:
@@ -63,7 +64,8 @@ class Sandbox:
 
     def __init__(self, timeout: float | None = None, *, limits: Limits | None = None,
                  repairs: RepairConfig | None = None, pool_size: int = DEFAULT_POOL_SIZE,
-                 work_dir: ImagePath | None = None, url: str | None = None, token: str | None = None) -> None:
+                 work_dir: ImagePath | None = None, url: str | Sequence[str] | None = None,
+                 token: str | None = None) -> None:
         limits = limits or Limits()
         if timeout is not None:
             limits = dataclasses.replace(limits, timeout_s=timeout)
@@ -77,6 +79,9 @@ class Sandbox:
         root = root.resolve()  # image paths are compared after realpath (macOS /tmp is a symlink)
         root.chmod(0o711)
         self.root = root
+        # Returned images are copied here: beside the work dir, not in it, so the workers (which may write the
+        # work dir) never reach them.
+        self._results_root = Path(tempfile.mkdtemp(prefix="thyme-results-", dir=root.parent))
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._kept_dirs: list[Path] = []
         self._closed = False
@@ -101,7 +106,7 @@ class Sandbox:
         if (image is None) == (images is None):
             raise InvalidInput("pass exactly one of image=PATH or images=[PATH, ...]")
         paths = [image] if image is not None else list(images or [])
-        session = Session(paths, item_id, self.root, self.limits, self.repairs, self._pool.acquire)
+        session = Session(paths, item_id, self.root, self.limits, self.repairs, self._pool.acquire, self._results_root)
         self._sessions.add(session)
         return session
 
@@ -114,7 +119,7 @@ class Sandbox:
             return session.run(code)
         finally:
             session.close(keep_files=True)
-            self._kept_dirs.append(session.directory)
+            self._kept_dirs.extend(session.directories)
 
     def wait_ready(self, timeout_s: float = 120.0) -> bool:
         """Blocks until the warm workers are started; returns whether they are."""
@@ -132,6 +137,7 @@ class Sandbox:
         self._pool.close()
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self._results_root, ignore_errors=True)
 
     def __enter__(self) -> Sandbox:
         return self

@@ -297,7 +297,9 @@ def _execute(
     yield CodeStarted(code)
     result = session.run(code)
     counters.code_runs += 1
-    output = _sandbox_output(result, Path(session.scratch_dir), request.images_dir, prefix)
+    # A local session hands out checked copies in its results_dir; a remote one downloads into its scratch_dir.
+    output = _sandbox_output(result, Path(getattr(session, "results_dir", session.scratch_dir)), request.images_dir,
+                             prefix)
     counters.code_errors += output.error is not None
     hidden = output.error is not None and not config.show_sandbox_errors
     if hidden:

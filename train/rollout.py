@@ -83,6 +83,7 @@ class _TimedSession:
         self._session = session
         self._clock = clock
         self.scratch_dir = session.scratch_dir
+        self.results_dir = getattr(session, "results_dir", session.scratch_dir)
         self.input_paths = session.input_paths
 
     def run(self, code: str) -> Any:
