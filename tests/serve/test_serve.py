@@ -123,12 +123,11 @@ def test_guard_auth_and_input_allow_lists(readme_server, tmp_path) -> None:
     assert httpx.get(readme_server + "/healthz", timeout=10).json()["status"] == "ok"  # no token needed
     assert httpx.post(url, json=_chat(), timeout=10).status_code == 401
     assert httpx.post(url, json=_chat(), headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+    # The sandbox server's browser guard, shared: DNS rebinding, another page's Origin.
     rebinding = httpx.post(url, json=_chat(), headers={**AUTH, "Host": "attacker.example:8000"}, timeout=10)
-    assert rebinding.status_code == 403 and rebinding.json()["error"]["type"] == "host_not_allowed"
+    assert rebinding.status_code == 421 and rebinding.json()["error"]["kind"] == "host_not_allowed"
     page = httpx.post(url, json=_chat(), headers={**AUTH, "Origin": "https://evil.example"}, timeout=10)
-    assert page.status_code == 403 and "--allowed-origin" in page.json()["error"]["message"]
-    form = httpx.post(url, content=json.dumps(_chat()), headers={**AUTH, "Content-Type": "text/plain"}, timeout=10)
-    assert form.status_code == 415
+    assert page.status_code == 403 and page.json()["error"]["kind"] == "origin_not_allowed"
     fetch = httpx.post(url, json=_chat("https://example.org/car.jpg"), headers=AUTH, timeout=10)
     assert fetch.status_code == 403 and fetch.json()["error"]["type"] == "url_not_allowed"
     outside = tmp_path / "car.jpg"
@@ -142,6 +141,15 @@ def test_guard_auth_and_input_allow_lists(readme_server, tmp_path) -> None:
     assert big.status_code == 413
     metrics = httpx.get(readme_server + "/metrics", headers=AUTH, timeout=10).json()
     assert metrics["errors"]["host_not_allowed"] >= 1 and metrics["errors"]["unauthorized"] >= 2
+
+
+def test_without_a_token_a_simple_cross_site_post_is_refused(sandbox) -> None:
+    with running_app(scripted_factory(README_SCRIPT, sandbox), token=None) as root:
+        url = root + "/v1/chat/completions"
+        form = httpx.post(url, content=json.dumps(_chat()), headers={"Content-Type": "text/plain"}, timeout=10)
+        assert form.status_code == 403 and form.json()["error"]["kind"] == "cross_site_request"
+        ok = httpx.post(url, json=_chat(), timeout=60)  # a program's JSON request, no token needed
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == README_ANSWER
 
 
 def test_allowed_url_prefix_is_fetched(sandbox) -> None:

@@ -24,7 +24,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "Answers OpenAI chat requests (text plus image_url parts) with the whole Thyme agent: the model writes "
             "code, the sandbox runs it, the completion's content is the final answer and the extra 'thyme' field "
             "holds the steps, with crops as URLs on this server. stream=true sends SSE chunks. A non-loopback "
-            "--host needs --token-file and --allowed-host. API reference: docs/serve.md."
+            "--host needs --token-file. API reference: docs/serve.md."
         ),
     )
     add_model_arguments(parser, required=True)
@@ -39,10 +39,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--queue-wait-s", type=float, default=30.0, help="seconds a question may wait; then 503 (30)")
     parser.add_argument("--max-request-mb", type=float, default=48.0, help="largest request body in MB (48)")
     parser.add_argument("--max-images", type=int, default=8, metavar="N", help="images per question (8)")
-    parser.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
-                        help="Host header name clients use (repeatable; default: the loopback names)")  # fmt: skip
-    parser.add_argument("--allowed-origin", dest="allowed_origins", action="append", default=[], metavar="ORIGIN",
-                        help="browser origin allowed to call the API (repeatable; default: none)")  # fmt: skip
+    parser.add_argument("--allow-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                        help="another Host name clients reach the server by (repeatable)")  # fmt: skip
+    parser.add_argument("--request-timeout-s", type=float, default=30.0,
+                        help="seconds a request's headers and body may take to arrive (30)")  # fmt: skip
     parser.add_argument("--allow-url-prefix", dest="allowed_url_prefixes", action="append", default=[],
                         metavar="URL", help="image URLs the server may fetch begin so (repeatable)")  # fmt: skip
     parser.add_argument("--allow-root", dest="allowed_roots", action="append", default=[], type=Path,
@@ -65,7 +65,7 @@ def _backend(args: argparse.Namespace) -> Any:
 
 def serve_config(args: argparse.Namespace) -> Any:
     """The :class:`~thyme.serve.config.ServeConfig` of the flags (checked before any model loads)."""
-    from thyme.sandbox.server_config import read_token_file
+    from thyme.sandbox.server.config import read_token_file
     from thyme.serve.config import ServeConfig
 
     running = args.max_running or (1 if args.model else SHARED_SERVER_RUNNING)
@@ -80,7 +80,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         max_request_bytes=int(args.max_request_mb * 2**20),
         max_images=args.max_images,
         allowed_hosts=args.allowed_hosts,
-        allowed_origins=args.allowed_origins,
+        request_timeout_s=args.request_timeout_s,
         allowed_url_prefixes=args.allowed_url_prefixes,
         allowed_roots=args.allowed_roots,
     )
@@ -91,6 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from thyme.sandbox import Sandbox
+    from thyme.sandbox.server.limits import deadline_protocol
     from thyme.serve.app import create_app, scripted_factory, shared_factory
 
     config = serve_config(args)
@@ -106,7 +107,8 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"thyme serve: http://{config.host}:{config.port}/v1 as model {config.model_name!r} ({auth}, "
                   f"{config.max_running} at once)", flush=True)  # fmt: skip
             try:
-                uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+                uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
+                            http=deadline_protocol(config.request_timeout_s))  # fmt: skip
             finally:
                 app.state.close()
     finally:

@@ -9,7 +9,8 @@ GET  /v1/images/{response_id}/{name}  a crop the sandbox returned, as linked fro
 ```
 
 Every route but ``/healthz`` needs ``Authorization: Bearer <token>`` when the server has a token. Every request
-passes :class:`~thyme.serve.guard.BrowserGuard` (Host, Origin, JSON bodies) and a body-size limit. At most
+passes the sandbox server's :class:`~thyme.sandbox.server.guard.BrowserGuard` (Host, Origin, simple cross-site
+posts; its refusals keep that server's ``{"error": {"kind", "message"}}`` shape) and a body-size limit. At most
 ``max_running`` questions run at once on the one backend and one sandbox pool; up to ``max_queue`` more wait up to
 ``queue_wait_s`` for a slot (then 503); beyond that a request is refused at once with 429, so a full server answers
 rather than hangs. Errors are OpenAI-shaped: ``{"error": {"message", "type", "code"}}``.
@@ -45,10 +46,10 @@ from thyme.config import AgentConfig
 from thyme.errors import BackendError, ConfigError, ImageError, ThymeError
 from thyme.loop import AttemptStarted, Finished, RolloutResult, SandboxFinished, TextGenerated
 from thyme.sandbox.errors import SandboxError
-from thyme.sandbox.server_body_limit import BodySizeLimit
-from thyme.sandbox.server_metrics import ServerMetrics
+from thyme.sandbox.server.guard import BrowserGuard, allowed_host_names
+from thyme.sandbox.server.limits import BodySizeLimit
+from thyme.sandbox.server.metrics import ServerMetrics
 from thyme.serve.config import ServeConfig
-from thyme.serve.guard import BrowserGuard
 from thyme.serve.inputs import ApiError, ChatInput, http_fetch, parse_chat
 from thyme.trajectory import Answer, Code, Prose, SandboxOutput, Trajectory
 
@@ -289,7 +290,10 @@ def create_app(
     app.state.close = store.close
     app.state.admission = admission
     app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes, on_reject=metrics.record_error)
-    app.add_middleware(BrowserGuard, allowed_hosts=config.host_names, allowed_origins=config.allowed_origins,
+    # The browser guard every Thyme server shares (Host, Origin, simple cross-site posts); with a token the
+    # Authorization header a page cannot add cross-site plays the part of the client header.
+    hosts = allowed_host_names(config.host, config.allowed_hosts)
+    app.add_middleware(BrowserGuard, allowed_hosts=hosts, client_header_required=config.token is None,
                        on_reject=metrics.record_error)  # fmt: skip
 
     @app.exception_handler(ApiError)
@@ -362,13 +366,15 @@ def create_app(
             response_id, folder = store.new()
             root = str(request.base_url).rstrip("/") + f"/v1/images/{response_id}"
             job = _Job(response_id, chat, _request_config(base_config, body, folder), root)
-        except Exception as exc:
+        except BaseException as exc:  # a cancelled request too: the slot must come back
             if chat is not None:
                 chat.cleanup()
             admission.release()
-            raise _failure(exc) from exc
+            if isinstance(exc, Exception):
+                raise _failure(exc) from exc
+            raise
         if body.get("stream"):
-            return StreamingResponse(_stream(job), media_type="text/event-stream",
+            return StreamingResponse(_start_stream(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
         try:
             started = time.monotonic()
@@ -392,9 +398,11 @@ def create_app(
                 return event.result
         raise AssertionError("the loop ended without a Finished event")  # unreachable: run_rollout always finishes
 
-    async def _stream(job: _Job) -> AsyncIterator[str]:
-        """Runs the loop in a thread and turns its events into SSE chunks; a client that goes away stops the run
-        after the current step (the loop's sandbox session is closed as the event generator closes)."""
+    def _start_stream(job: _Job) -> AsyncIterator[str]:
+        """Starts the loop in a thread now and returns the SSE chunks of its events. The thread, not the response,
+        owns the slot and the inputs: they are released even if the response is never iterated (a client gone
+        before the first byte). A client that goes away stops the run after the current step (the loop's sandbox
+        session is closed as the event generator closes)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -417,24 +425,28 @@ def create_app(
                 loop.call_soon_threadsafe(admission.release)
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
-        worker = threading.Thread(target=produce, name=f"thyme-serve-{job.response_id[:8]}", daemon=True)
-        worker.start()
+        threading.Thread(target=produce, name=f"thyme-serve-{job.response_id[:8]}", daemon=True).start()
         model = config.model_name
-        try:
-            yield _chunk(job, model, {"role": "assistant", "content": ""})
-            while (event := await queue.get()) is not None:
-                if isinstance(event, BaseException):
-                    failure = _failure(event)
-                    metrics.record_error(failure.kind)
-                    yield f"data: {json.dumps({'error': {'message': failure.message, 'type': failure.kind}})}\n\n"
-                    continue
-                for text in _stream_pieces(event, job, model):
-                    yield text
-                if isinstance(event, Finished):
-                    metrics.record_run(time.monotonic() - started, ok=True)
-            yield "data: [DONE]\n\n"
-        finally:
-            stop.set()
+
+        async def chunks() -> AsyncIterator[str]:
+            try:
+                yield _chunk(job, model, {"role": "assistant", "content": ""})
+                while (event := await queue.get()) is not None:
+                    if isinstance(event, BaseException):
+                        failure = _failure(event)
+                        metrics.record_error(failure.kind)
+                        error = {"error": {"message": failure.message, "type": failure.kind}}
+                        yield f"data: {json.dumps(error)}\n\n"
+                        continue
+                    for text in _stream_pieces(event, job, model):
+                        yield text
+                    if isinstance(event, Finished):
+                        metrics.record_run(time.monotonic() - started, ok=True)
+                yield "data: [DONE]\n\n"
+            finally:
+                stop.set()
+
+        return chunks()
 
     def _stream_pieces(event: Any, job: _Job, model: str) -> list[str]:
         if isinstance(event, AttemptStarted) and (event.attempt > 1 or event.fallback):

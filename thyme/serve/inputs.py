@@ -155,8 +155,8 @@ def _materialize(url: str, where: str, number: int, work_dir: Path, config: Serv
     path = url[len("file://") :] if url.startswith("file://") else url
     if not path.startswith("/"):
         raise _bad(f"{where}: {url[:80]!r} is neither a data: URL, an http(s) URL nor an absolute server path")
-    from thyme.sandbox.server_errors import RequestRejected
-    from thyme.sandbox.server_inputs import resolve_server_path
+    from thyme.sandbox.server.errors import RequestRejected
+    from thyme.sandbox.server.inputs import resolve_server_path
 
     try:
         return resolve_server_path(path, config.allowed_roots, max_pixels=10**12)  # the agent checks the pixels
