@@ -52,7 +52,7 @@ class _CodeForSecondImage:
             text = (
                 "<think>The second image.<code>\n```python\nfrom PIL import Image\n"
                 f"img = Image.open({second!r})\nprint(img.size)\n"
-                "p = '/mnt/data/temp_processed_images/second.png'\nimg.crop((0, 0, 64, 64)).save(p)\nprint(p)\n```\n"
+                "p = '/mnt/data/temp_processed_images/second.png'\nimg.crop((0, 0, 100, 80)).save(p)\nprint(p)\n```\n"
                 "</code>"
             )
         else:
@@ -81,6 +81,7 @@ def test_agent_answers_about_two_images_and_the_code_opens_the_second(sandbox, t
     [crop] = trajectory.sandbox_images
     with Image.open(crop) as image:
         assert image.convert("RGB").getpixel((5, 5)) == (0, 0, 255)  # cut from the second image
+        assert image.size == (100, 80)  # not clamped to the first image's 80x60
 
 
 def test_the_same_file_twice_and_bad_inputs(sandbox, two_images) -> None:
