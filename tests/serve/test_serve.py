@@ -116,6 +116,7 @@ def test_several_images_and_follow_up_turns_reach_the_agent(sandbox, tmp_path) -
     assert [item["type"] for item in user] == ["image", "image", "text"]
     assert "Q: What car?\nA: A blue car.\n\nNow answer this question:\nSame colour?" in user[-1]["text"]
     assert user[-1]["text"].count("### User Image Path") == 2
+    assert 'image_0.jpg"' in user[-1]["text"]  # a data URL's file keeps its type's suffix for the model's code
 
 
 def test_guard_auth_and_input_allow_lists(readme_server, tmp_path) -> None:

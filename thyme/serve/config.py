@@ -59,6 +59,11 @@ class ServeConfig:
         for name in ("max_running", "max_images", "kept_responses", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be at least 1")
+        if self.kept_responses < self.max_running + self.max_queue:
+            raise ConfigError(
+                f"kept_responses ({self.kept_responses}) must be at least max_running + max_queue "
+                f"({self.max_running + self.max_queue}): answers still in flight keep their crop folders"
+            )
         if self.max_queue < 0 or min(self.queue_wait_s, self.fetch_timeout_s, self.request_timeout_s) <= 0:
             raise ConfigError("max_queue must be >= 0; queue_wait_s, fetch_timeout_s and request_timeout_s > 0")
         if not is_loopback_host(self.host) and self.token is None:

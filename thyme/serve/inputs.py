@@ -21,13 +21,17 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from thyme.serve.config import ServeConfig
 
 FOLLOW_UP_PREAMBLE = (
     "Earlier questions about these images and their answers:\n{history}\n\nNow answer this question:\n"
 )
-_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+_DATA_URL = re.compile(r"^data:image/([\w.+-]+);base64,", re.IGNORECASE)
+# The model reads the input's path in its prompt and often derives output names from it: give it an image suffix.
+_SUFFIXES = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png", "webp": ".webp", "gif": ".gif", "bmp": ".bmp",
+             "tiff": ".tiff"}  # fmt: skip
 
 
 class ApiError(Exception):
@@ -134,12 +138,13 @@ def parse_chat(body: dict[str, Any], config: ServeConfig, fetch: Any) -> ChatInp
 
 
 def _materialize(url: str, where: str, number: int, work_dir: Path, config: ServeConfig, fetch: Any) -> Path:
-    if _DATA_URL.match(url):
+    data_url = _DATA_URL.match(url)
+    if data_url:
         try:
             data = base64.b64decode(url.split(",", 1)[1], validate=True)
         except (binascii.Error, ValueError) as exc:
             raise _bad(f"{where}: the data URL is not valid base64 ({exc})") from exc
-        target = work_dir / f"image_{number}"
+        target = work_dir / f"image_{number}{_SUFFIXES.get(data_url.group(1).lower(), '')}"
         target.write_bytes(data)
         return target
     if url.startswith(("http://", "https://")):
@@ -147,7 +152,8 @@ def _materialize(url: str, where: str, number: int, work_dir: Path, config: Serv
             allowed = ", ".join(config.allowed_url_prefixes) or "none: this server fetches no URLs"
             raise ApiError(403, "url_not_allowed", f"{where}: the server may not fetch {url!r} (allowed prefixes: "
                            f"{allowed}); send the image as a data: URL instead")  # fmt: skip
-        target = work_dir / f"image_{number}"
+        suffix = Path(urlsplit(url).path).suffix.lower()
+        target = work_dir / f"image_{number}{suffix if suffix.lstrip('.') in _SUFFIXES else ''}"
         fetch(url, target)
         return target
     if url.startswith("data:"):
