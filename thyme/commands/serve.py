@@ -44,7 +44,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--request-timeout-s", type=float, default=30.0,
                         help="seconds a request's headers and body may take to arrive (30)")  # fmt: skip
     parser.add_argument("--allow-url-prefix", dest="allowed_url_prefixes", action="append", default=[],
-                        metavar="URL", help="image URLs the server may fetch begin so (repeatable)")  # fmt: skip
+                        metavar="URL", help="prefix of image URLs it may fetch (repeatable)")  # fmt: skip
     parser.add_argument("--allow-root", dest="allowed_roots", action="append", default=[], type=Path,
                         metavar="DIR", help="folder whose images requests may name (repeatable)")  # fmt: skip
     parser.set_defaults(handler=run_serve)
