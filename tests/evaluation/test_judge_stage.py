@@ -13,6 +13,7 @@ from thyme.cli import main
 from thyme.config import AgentConfig
 from thyme.errors import ConfigError
 from thyme.evaluation.harness import EvalConfig, run_evaluation
+from thyme.evaluation.report import compare_runs
 from thyme.evaluation.sampling import run_samples
 from thyme.judge import Judge
 
@@ -120,6 +121,8 @@ def test_samples_report_mean_and_spread_and_share_the_judge_cache(stand_in_judge
     seeds = [json.loads((tmp_path / "out" / f"sample_{i}" / "results.json").read_text())["agent_config"]["seed"]
              for i in (1, 2)]  # fmt: skip
     assert seeds == [7, 8]
+    with pytest.raises(ConfigError, match="compare one of its sample_<i> folders"):
+        compare_runs(tmp_path / "out", tmp_path / "out" / "sample_1")
 
 
 def test_eval_cli_judge_and_samples_flags(stand_in_judge, dataset: Path, tmp_path, monkeypatch, capsys):

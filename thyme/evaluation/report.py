@@ -162,9 +162,13 @@ def write_report(
 def _load_results(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RESULTS_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read {path} ({exc}): pass the --out folder of a finished `thyme eval` run") from exc
+    if "metrics" not in data:
+        hint = "compare one of its sample_<i> folders" if "samples" in data else "pass the --out folder of a run"
+        raise ConfigError(f"{path} holds no per-run metrics (a --samples summary?): {hint}")
+    return data
 
 
 def compare_runs(base_dir: Path, new_dir: Path) -> str:
