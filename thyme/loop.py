@@ -298,8 +298,9 @@ def _execute(
     result = session.run(code)
     counters.code_runs += 1
     # A local session hands out checked copies in its results_dir; a remote one downloads into its scratch_dir.
-    output = _sandbox_output(result, Path(getattr(session, "results_dir", session.scratch_dir)), request.images_dir,
-                             prefix)
+    output = _sandbox_output(
+        result, Path(getattr(session, "results_dir", session.scratch_dir)), request.images_dir, prefix
+    )
     counters.code_errors += output.error is not None
     hidden = output.error is not None and not config.show_sandbox_errors
     if hidden:
