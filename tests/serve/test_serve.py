@@ -243,3 +243,26 @@ def test_bounded_load_on_loopback(sandbox) -> None:
     assert results == [(200, README_ANSWER)] * 32
     assert metrics["requests_answered"] == 32 and metrics["running"] == 0 and metrics["waiting"] == 0
     assert load_script(README_SCRIPT)  # the script itself was never consumed: a fresh replay per request
+
+
+def test_a_backend_failure_is_a_502_plain_and_an_error_event_streaming(sandbox) -> None:
+    from openai import APIError, APIStatusError, OpenAI
+
+    from thyme.errors import BackendError
+
+    class Down:
+        def generate(self, messages, *, stop, sampling):
+            raise BackendError("the inference server at http://gpu:8001 refused the connection")
+
+        def close(self) -> None:
+            pass
+
+    with running_app(shared_factory(Down(), sandbox)) as root:
+        client = OpenAI(base_url=root + "/v1", api_key=TOKEN, max_retries=0)
+        with pytest.raises(APIStatusError) as plain:
+            client.chat.completions.create(model="thyme", messages=_chat()["messages"])
+        assert plain.value.status_code == 502 and "refused the connection" in plain.value.message
+        with pytest.raises(APIError, match="refused the connection"):
+            list(client.chat.completions.create(model="thyme", messages=_chat()["messages"], stream=True))
+        health = httpx.get(root + "/healthz", timeout=10).json()
+    assert health["running"] == 0 and health["waiting"] == 0  # both slots came back
