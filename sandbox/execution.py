@@ -73,7 +73,10 @@ class CodeRunner:
         """Runs one code block and returns the reply fields (stdout, error, processed_path, repairs)."""
         self.collector.reset()
         before = self.namespace.get("processed_path")
-        context = RepairContext(input_path=self.copies[0], image_size=self.image_size,
+        # Crop boxes are clamped to the input's size only when there is one input: with several, a literal box may
+        # belong to any of them, and clamping it to the first would silently cut a valid crop of a larger one.
+        image_size = self.image_size if len(self.copies) == 1 else None
+        context = RepairContext(input_path=self.copies[0], image_size=image_size,
                                 scratch_dir=self.paths.scratch, is_known_file=self._is_known_file)
         notes: list[str] = []
         error = None

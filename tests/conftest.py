@@ -17,7 +17,12 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-pytest_plugins: list[str] = ["tests.fixtures.tiny_model", "tests.fixtures.openai_server", "tests.fixtures.sft_rows"]
+pytest_plugins: list[str] = [
+    "tests.fixtures.tiny_model",
+    "tests.fixtures.openai_server",
+    "tests.fixtures.sft_rows",
+    "tests.fixtures.judge_server",
+]
 
 _real_connect = socket.socket.connect
 

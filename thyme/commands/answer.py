@@ -1,4 +1,5 @@
-"""``thyme answer IMAGE QUESTION``: ask one question, watch the reasoning stream, get the answer last."""
+"""``thyme answer IMAGE [IMAGE ...] QUESTION`` (or ``-q QUESTION``): ask one question about one or several images,
+watch the reasoning stream, get the answer last."""
 
 from __future__ import annotations
 
@@ -18,19 +19,41 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "answer",
         help="answer a question about an image (reasoning streams, answer last)",
         description=(
-            "Runs the Thyme agent on one image: the model reasons, writes Python that the sandbox runs, sees the "
-            "crops it made, and answers. Choose the model with --model (a hub id or a local directory, loaded with "
-            "transformers), --endpoint (an OpenAI-compatible server such as vLLM) or --scripted (replay recorded "
-            "model text, no weights needed)."
+            "Runs the Thyme agent on one image (or several, for one question): the model reasons, writes Python "
+            "that the sandbox runs, sees the crops it made, and answers. Choose the model with --model (a hub id "
+            "or a local directory, loaded with transformers), --endpoint (an OpenAI-compatible server such as "
+            "vLLM) or --scripted (replay recorded model text, no weights needed)."
         ),
     )
-    parser.add_argument("image", type=Path, metavar="IMAGE", help="the image file")
-    parser.add_argument("question", metavar="QUESTION", help="the question (quote it)")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="IMAGE [IMAGE ...] QUESTION",
+        help="one or more image files, then the question (quote it); with -q every positional is an image",
+    )
+    parser.add_argument("-q", "--question", help="the question, when you prefer to give it as a flag")
     add_model_arguments(parser, required=True)
     parser.add_argument("--json", action="store_true", help="print one JSON object (answer + trajectory) only")
     parser.add_argument("--save-dir", type=Path, metavar="DIR", help="keep the sandbox images and trajectory.json")
     add_loop_arguments(parser, max_attempts=2, max_attempts_help="attempts before the fallback (2)")
     parser.set_defaults(handler=run_answer)
+
+
+def split_inputs(args: argparse.Namespace) -> tuple[list[Path], str]:
+    """The image paths and the question from ``IMAGE [IMAGE ...] QUESTION`` or ``IMAGE [IMAGE ...] -q QUESTION``.
+
+    Raises:
+        ConfigError: no image, or no question.
+    """
+    from thyme.errors import ConfigError
+
+    inputs = list(args.inputs)
+    question = args.question
+    if question is None:
+        if len(inputs) < 2:
+            raise ConfigError("give the image(s) and then the question: thyme answer IMAGE [IMAGE ...] 'QUESTION'")
+        question = inputs.pop()
+    return [Path(path) for path in inputs], question
 
 
 def _build_backend(args: argparse.Namespace) -> Any:
@@ -104,6 +127,7 @@ def run_answer(args: argparse.Namespace) -> int:
     from thyme.agent import ThymeAgent
     from thyme.loop import Finished
 
+    images, question = split_inputs(args)  # before any model is loaded
     with tempfile.TemporaryDirectory(prefix="thyme-answer-") as scratch:
         config = agent_config_from_args(args, images_dir=args.save_dir or Path(scratch))
         backend = _build_backend(args)
@@ -112,7 +136,7 @@ def run_answer(args: argparse.Namespace) -> int:
         else:
             agent = ThymeAgent(backend, config=config)
         with agent:
-            for event in agent.stream(args.image, args.question):
+            for event in agent.stream(images if len(images) > 1 else images[0], question):
                 if not args.json:
                     _print_event(event, sys.stdout, show_paths=args.save_dir is not None)
                 if isinstance(event, Finished):

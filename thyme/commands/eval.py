@@ -41,6 +41,19 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         help="keep the official eval's literal '<image>' after the vision block (parity with the paper's numbers)",
     )
     parser.add_argument("--report-examples", type=int, default=3, metavar="N", help="trajectories in report.md (3)")
+    parser.add_argument(
+        "--judge-endpoint",
+        metavar="URL",
+        help="OpenAI-compatible judge for answers the rules cannot read (key from $THYME_JUDGE_API_KEY)",
+    )
+    parser.add_argument("--judge-model", metavar="NAME", help="the judge's model name (needed with --judge-endpoint)")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="K",
+        help="K sampled runs (needs --sampling ats); results.json has the mean and spread over K (Avg@K)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_eval)
 
@@ -120,6 +133,19 @@ def _backend_factory(args: argparse.Namespace) -> tuple[Any, Any]:
     return (lambda item: backend), backend
 
 
+def _judge(args: argparse.Namespace) -> Any:
+    """The judge of ``--judge-endpoint`` / ``--judge-model``, or None."""
+    from thyme.errors import ConfigError
+
+    if bool(args.judge_endpoint) != bool(args.judge_model):
+        raise ConfigError("--judge-endpoint and --judge-model go together: name the judge's server and its model")
+    if not args.judge_endpoint:
+        return None
+    from thyme.judge import Judge, judge_api_key
+
+    return Judge(args.judge_endpoint, args.judge_model, api_key=judge_api_key())
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Runs the evaluation and prints the headline numbers and where the files are."""
     from thyme.evaluation.harness import EvalConfig, run_evaluation
@@ -132,11 +158,20 @@ def run_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     agent_config = agent_config_from_args(args, eval_image_quirk=args.eval_image_quirk)
+    judge = _judge(args)
+    if args.samples != 1:
+        from thyme.evaluation.sampling import check_samples, run_samples
+
+        check_samples(args.samples, agent_config)
     backend_for, backend = _backend_factory(args)
     model = args.model or args.endpoint or f"scripted:{args.scripted}"
     info = {"model": model, "backend": "transformers" if args.model else "openai" if args.endpoint else "scripted"}
     try:
-        result = run_evaluation(args.data, args.out, backend_for, config, agent_config, run_info=info)
+        if args.samples != 1:
+            return _report_samples(
+                run_samples(args.data, args.out, backend_for, args.samples, config, agent_config, info, judge)
+            )
+        result = run_evaluation(args.data, args.out, backend_for, config, agent_config, run_info=info, judge=judge)
     finally:
         if backend is not None:
             backend.close()
@@ -148,11 +183,32 @@ def run_eval(args: argparse.Namespace) -> int:
         f"code used in {100 * m.code_use_rate:.1f} % of answers, {m.avg_generation_calls:.2f} generation calls per "
         f"answer, sandbox error rate {100 * m.sandbox_error_rate:.1f} %"
     )
+    if m.judged:
+        print(f"the judge decided {m.judged} row(s) the rules could not read ({m.judged_correct} correct)")
     print(f"wrote {result.out_dir / 'results.json'}, predictions.jsonl and report.md")
     if m.failed:
         # Exit 1 so scripts notice that the scores cover rows that could not be answered.
         print(f"warning: {m.failed} row(s) failed (see 'error' in predictions.jsonl); they run again on resume",
               file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def _report_samples(result: Any) -> int:
+    """Prints the Avg@k figures of a ``--samples`` run; exit 1 when a run left failed rows."""
+    spread = result.accuracy
+    k = len(result.runs)
+    print(f"Avg@{k} accuracy {100 * spread.mean:.1f} % (std {100 * spread.std:.1f}, "
+          f"min {100 * spread.min:.1f}, max {100 * spread.max:.1f}) over {k} sampled runs")  # fmt: skip
+    for name, score in result.categories.items():
+        print(f"  {name}: {100 * score.mean:.1f} % (std {100 * score.std:.1f})")
+    judged = sum(run.metrics.judged for run in result.runs)
+    if judged:
+        print(f"the judge decided {judged} row(s) over the {k} runs")
+    print(f"wrote {result.out_dir / 'results.json'} and one folder per run (sample_1 ... sample_{k})")
+    failed = sum(run.metrics.failed for run in result.runs)
+    if failed:
+        print(f"warning: {failed} row(s) failed over the runs; they run again on resume", file=sys.stderr)
         return 1
     return 0
 

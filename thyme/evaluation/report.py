@@ -64,6 +64,7 @@ def _summary(metrics: Metrics, run_info: dict[str, Any]) -> list[str]:
         lines.append(f"- Mean of category accuracies: {_percent(metrics.macro_accuracy)} %")
     lines += [
         f"- Answers no rule could read (a judge might): {metrics.unmatched}; rows that failed: {metrics.failed}",
+        f"- Rows decided by the judge model: {metrics.judged} ({metrics.judged_correct} of them correct)",
         f"- Used code: {_percent(metrics.code_use_rate)} % of answers; generation calls per answer: "
         f"{metrics.avg_generation_calls:.2f}; answered by the fallback prompt: {_percent(metrics.fallback_rate)} %",
         f"- Sandbox runs: {metrics.sandbox_runs}, of which {_percent(metrics.sandbox_error_rate)} % ended in an error",
@@ -161,9 +162,13 @@ def write_report(
 def _load_results(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RESULTS_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read {path} ({exc}): pass the --out folder of a finished `thyme eval` run") from exc
+    if "metrics" not in data:
+        hint = "compare one of its sample_<i> folders" if "samples" in data else "pass the --out folder of a run"
+        raise ConfigError(f"{path} holds no per-run metrics (a --samples summary?): {hint}")
+    return data
 
 
 def compare_runs(base_dir: Path, new_dir: Path) -> str:
