@@ -28,7 +28,7 @@ try:
     from mcp.server.mcpserver.exceptions import ToolError
     from mcp.types import ImageContent, TextContent
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("the MCP server needs the mcp SDK: pip install 'thyme[server]'") from exc
+    raise ImportError("the MCP server needs the mcp SDK: pip install 'thyme-vlm[server]'") from exc
 
 from .errors import SandboxError
 from .server_config import ServerConfig

@@ -92,7 +92,7 @@ class RemoteSandbox:
         try:
             import httpx
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
-            raise ImportError("the remote sandbox needs httpx: pip install 'thyme[server]'") from exc
+            raise ImportError("the remote sandbox needs httpx: pip install 'thyme-vlm[server]'") from exc
         if not url.startswith(("http://", "https://")):
             raise InvalidInput(f"sandbox server URL {url!r} must start with http:// or https://")
         self.url = url.rstrip("/")

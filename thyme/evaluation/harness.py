@@ -253,7 +253,7 @@ def _progress(total: int, initial: int, enabled: bool) -> Iterator[Callable[[], 
         from tqdm.auto import tqdm
     except ImportError:
         if enabled:
-            logger.warning("tqdm is not installed, so no progress bar: pip install 'thyme[eval]'")
+            logger.warning("tqdm is not installed, so no progress bar: pip install 'thyme-vlm[eval]'")
         enabled = False
     if not enabled:
         yield lambda: None
