@@ -84,9 +84,9 @@ class _ProgressBackend:
         self.err.flush()
         start = time.monotonic()
         generation = self.backend.generate(messages, stop=stop, sampling=sampling)
-        tokens = len(generation.token_ids) if generation.token_ids is not None else "?"
+        tokens = f"{len(generation.token_ids)} tokens " if generation.token_ids is not None else ""
         self.err.write(
-            f"[call {self.calls}: {tokens} tokens in {time.monotonic() - start:.1f} s, {generation.finish_reason}]\n"
+            f"[call {self.calls}: {tokens}in {time.monotonic() - start:.1f} s, {generation.finish_reason}]\n"
         )
         self.err.flush()
         return generation
