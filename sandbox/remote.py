@@ -141,7 +141,7 @@ class RemoteSandbox:
         try:
             import httpx  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
-            raise ImportError("the remote sandbox needs httpx: pip install 'thyme[server]'") from exc
+            raise ImportError("the remote sandbox needs httpx: pip install 'thyme-vlm[server]'") from exc
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise InvalidInput("pass at least one sandbox server URL")

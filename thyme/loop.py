@@ -15,7 +15,8 @@ answer. Retries (attempts after the first) sample prose with the ATS settings ev
 
 An attempt ends with one of the ``STOP_*`` reasons: ``answer`` (success), ``eos`` (turn ended without an answer),
 ``empty`` (the backend returned nothing), ``budget`` (calls used up: e.g. a model that never closes ``<code>``),
-``repetition`` (a length-capped call ended in a loop), ``malformed_code`` (``</code>`` without a code block).
+``repetition`` (a length-capped call ended in a loop), ``malformed_code`` (``</code>`` without a code block),
+``context`` (the model's context window is full: the backend had no room for a single new token).
 A backend that ignores stop strings is cut after the first stop string (so a second ``<answer>`` never counts).
 Image paths the sandbox returns outside its scratch directory are refused (logged, never shown to the model).
 
@@ -69,6 +70,7 @@ STOP_EMPTY = "empty"
 STOP_BUDGET = "budget"
 STOP_REPETITION = "repetition"
 STOP_MALFORMED_CODE = "malformed_code"
+STOP_CONTEXT = "context"
 # Longest repeated unit the repetition check looks for (characters).
 _MAX_REPEAT_UNIT = 200
 
@@ -263,7 +265,7 @@ def _run_attempt(
         counters.calls += 1
         text = _cut_at_stop(generation.text, stop)
         if not text:
-            return STOP_EMPTY
+            return STOP_CONTEXT if generation.finish_reason == FINISH_LENGTH else STOP_EMPTY
         segment = ModelText(text, generation, sampling)
         trajectory.segments.append(segment)
         yield TextGenerated(segment, call_index)
@@ -442,6 +444,7 @@ def _result(answer, trajectory, attempts, reason, fallback, counters, images_dir
 __all__ = [
     "STOP_ANSWER",
     "STOP_BUDGET",
+    "STOP_CONTEXT",
     "STOP_EMPTY",
     "STOP_EOS",
     "STOP_MALFORMED_CODE",

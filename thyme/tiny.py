@@ -57,6 +57,8 @@ QWEN_ADDED_TOKENS = (
     "<|file_sep|>",
 )
 TINY_VOCAB_SIZE = 1024
+# Written into the checkpoint folder by build_tiny_model: what was built, so a second build of the same can be skipped.
+TINY_MARKER = "thyme_tiny_model.json"
 
 # Smart-resize bounds saved in the tiny checkpoint: 64x64 px is 4 image tokens, 256x256 px is 81.
 TINY_MIN_PIXELS = 28 * 28
@@ -132,6 +134,9 @@ def build_tiny_model(
     output = Path(output_dir)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{output} is a file, not a directory: choose a directory for the tiny model")
+    if not overwrite and is_same_tiny_model(output, seed=seed, model_type=model_type):
+        logger.info("%s already holds the tiny %s with seed %d: kept as it is", output, model_type, seed)
+        return output
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ConfigError(f"{output} is not empty: choose a new directory, or allow overwriting (--overwrite)")
     output.mkdir(parents=True, exist_ok=True)
@@ -145,8 +150,21 @@ def build_tiny_model(
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     build_tiny_image_processor(patch_size=config.vision_config.patch_size).save_pretrained(output)
+    # Written last: a build that was interrupted leaves no marker, so it is never mistaken for a finished one.
+    (output / TINY_MARKER).write_text(json.dumps({"seed": seed, "model_type": model_type}) + "\n", encoding="utf-8")
     logger.info("tiny %s written to %s (%d parameters)", model_type, output, model.num_parameters())
     return output
+
+
+def is_same_tiny_model(output_dir: str | Path, *, seed: int, model_type: str) -> bool:
+    """Whether ``output_dir`` already holds a finished tiny model of this seed and type (which is deterministic), so
+    that running ``thyme tiny-model DIR`` again, as a README block does, keeps it instead of failing."""
+    marker = Path(output_dir) / TINY_MARKER
+    try:
+        built = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return built == {"seed": seed, "model_type": model_type}
 
 
 def _model_config(model_type: str, tokenizer):  # -> transformers.PreTrainedConfig

@@ -138,7 +138,7 @@ def parse_config(argv: Sequence[str] | None) -> tuple[ThymeSFTConfig, ModelConfi
     """
     from transformers import HfArgumentParser
 
-    from thyme.train.cli import read_config_values
+    from thyme.train.cli import check_value_types, read_config_values
 
     parser = argparse.ArgumentParser(prog="thyme-train sft", description="Supervised fine-tuning of a Thyme model.")
     parser.add_argument("config", type=Path, help="YAML file with ThymeSFTConfig and ModelConfig keys (docs/sft.md)")
@@ -152,6 +152,7 @@ def parse_config(argv: Sequence[str] | None) -> tuple[ThymeSFTConfig, ModelConfi
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{args.config}: unknown key(s) {unknown}; the keys are listed in docs/sft.md")
+    check_value_types(values, (ThymeSFTConfig, ModelConfig), args.config)
     try:
         sft_config, model_config = hf_parser.parse_dict(values)
     except (TypeError, ValueError) as exc:
@@ -204,18 +205,20 @@ def load_sft_dataset(config: ThymeSFTConfig) -> Dataset:
     """
     from datasets import Dataset
 
-    from thyme.train.data import check_images, read_rows
+    from thyme.train.data import check_images, read_located_rows
     from thyme.train.sft_data import SFT_COLUMNS
 
-    raw, folder = read_rows(config.train_file, config.train_split)
-    if not raw:
+    located, folder = read_located_rows(config.train_file, config.train_split)
+    if not located:
         raise ConfigError(f"{config.train_file}: the dataset is empty")
     root = Path(config.image_root) if config.image_root is not None else folder
     rows = []
-    for index, row in enumerate(raw):
+    for where, row in located:
         missing = [column for column in SFT_COLUMNS if column not in row]
         if missing:
-            raise ConfigError(f"{config.train_file} row {index}: no {missing}; SFT rows need {list(SFT_COLUMNS)}")
+            raise ConfigError(
+                f"{where}: no {missing}; SFT rows need {list(SFT_COLUMNS)} (`thyme data convert` makes them)"
+            )
         images = [_absolute(str(path), root) for path in (row["image"] or [])]
         rows.append({"image": images, "question": str(row["question"]), "response": str(row["response"])})
     check_images([{"image": path} for row in rows for path in row["image"]])

@@ -247,6 +247,11 @@ def stop_run(conversation: Conversation | None, show_reasoning: bool) -> tuple:
     return conversation.messages(show_reasoning=show_reasoning), gr.MultimodalTextbox(interactive=True)
 
 
+def stop_button(active: bool) -> gr.Button:
+    """The Stop button, lit only while a question runs (lit while idle it looks as if something were running)."""
+    return gr.Button(interactive=active)
+
+
 def unlock_input() -> gr.MultimodalTextbox:
     """Opens the input box again after a run (finished, failed or stopped)."""
     return gr.MultimodalTextbox(interactive=True)
@@ -351,7 +356,7 @@ def build_demo(
                     sources=["upload"],
                 )
                 with gr.Row():
-                    stop = gr.Button("Stop", variant="stop", size="sm")
+                    stop = gr.Button("Stop", variant="stop", size="sm", interactive=False)
                     clear = gr.Button("Clear conversation", size="sm")
                     download = gr.DownloadButton("Download trajectory (JSON + images, zip)", visible=False, size="sm")
                 if examples:
@@ -362,16 +367,25 @@ def build_demo(
         submitted = chat_input.submit(
             add_message, [chat_input, conversation, show_reasoning], [chatbot, chat_input, conversation]
         )
-        running = submitted.then(
+        started = submitted.then(lambda: stop_button(True), None, stop, api_visibility="private")
+        running = started.then(
             bot_response,
             [conversation, *settings],
             [chatbot, conversation, download],
             api_name="bot_response",
             concurrency_limit=concurrency_limit,
         )
-        running.then(unlock_input, None, chat_input, api_visibility="private")
-        stop.click(stop_run, [conversation, show_reasoning], [chatbot, chat_input], cancels=[running], api_name="stop")
-        clear.click(clear_conversation, conversation, [chatbot, conversation, download, chat_input], cancels=[running])
+        running.then(unlock_input, None, chat_input, api_visibility="private").then(
+            lambda: stop_button(False), None, stop, api_visibility="private"
+        )
+        stopped = stop.click(
+            stop_run, [conversation, show_reasoning], [chatbot, chat_input], cancels=[running], api_name="stop"
+        )
+        stopped.then(lambda: stop_button(False), None, stop, api_visibility="private")
+        cleared = clear.click(
+            clear_conversation, conversation, [chatbot, conversation, download, chat_input], cancels=[running]
+        )
+        cleared.then(lambda: stop_button(False), None, stop, api_visibility="private")
         show_reasoning.change(redraw, [conversation, show_reasoning], chatbot, api_visibility="private")
     return demo
 
@@ -388,4 +402,5 @@ __all__ = [
     "scripted_agent_factory",
     "scripted_description",
     "shared_agent_factory",
+    "stop_button",
 ]

@@ -34,7 +34,7 @@ try:
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from pydantic import BaseModel, Field
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("the sandbox server needs FastAPI and uvicorn: pip install 'thyme[server]'") from exc
+    raise ImportError("the sandbox server needs FastAPI and uvicorn: pip install 'thyme-vlm[server]'") from exc
 
 from ..errors import InvalidInput, SandboxClosed, SandboxError, WorkerCrashed, WorkerError
 from ..returned import open_returned_image

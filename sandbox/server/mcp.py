@@ -29,7 +29,7 @@ try:
     from mcp.server.transport_security import TransportSecuritySettings
     from mcp.types import ImageContent, TextContent
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("the MCP server needs the mcp SDK: pip install 'thyme[server]'") from exc
+    raise ImportError("the MCP server needs the mcp SDK: pip install 'thyme-vlm[server]'") from exc
 
 from ..errors import SandboxError
 from ..returned import open_returned_image

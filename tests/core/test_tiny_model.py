@@ -99,3 +99,16 @@ def test_tiny_model_command_refuses_a_non_empty_directory(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=f"{tmp_path} is not empty: choose a new directory, or allow overwriting"):
         _run_command(["tiny-model", str(tmp_path)])
     assert keep.read_bytes() == b"real weights" and sorted(p.name for p in tmp_path.iterdir()) == [keep.name]
+
+
+def test_tiny_model_command_run_twice_keeps_the_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A README block run again (or after an earlier block built the same model) must not fail on its folder."""
+    target = tmp_path / "tiny"
+    assert _run_command(["tiny-model", str(target)]) == 0
+    weights = (target / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert _run_command(["tiny-model", str(target)]) == 0
+    assert f"{target} already holds the tiny qwen2_5_vl model (seed 0): kept as it is" in capsys.readouterr().out
+    assert (target / "model.safetensors").stat().st_mtime_ns == weights
+    with pytest.raises(ConfigError, match="is not empty"):  # another seed is another model: not silently kept
+        _run_command(["tiny-model", str(target), "--seed", "1"])

@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from thyme.commands.options import add_loop_arguments, add_model_arguments, agent_config_from_args, check_model_name
+from thyme.commands.options import (
+    add_loop_arguments,
+    add_model_arguments,
+    agent_config_from_args,
+    check_model_name,
+    with_model_pixel_limits,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -74,6 +80,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--n", type=int, default=100, metavar="N", help="number of rows (100)")
     synth.add_argument("--size", type=int, default=4096, metavar="PX", help="image width in pixels (4096)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(handler=run_synth)
     compare = actions.add_parser(
         "compare",
@@ -86,22 +93,31 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     compare.set_defaults(handler=run_compare)
 
 
-def _load_scripts(path: Path) -> dict[str, list[str]]:
+def _load_scripts(path: Path) -> tuple[dict[str, list[str]], list[str] | None]:
+    """Reads an eval script: ``{"<row index>": [model text, ...]}`` per row, or ONE recording (a list of segments,
+    ``{"segments": [...]}`` like ``thyme/data/examples/readme_17127.json``, or a saved trajectory) that every row
+    replays. Returns (per-row scripts, the one recording or None)."""
+    from thyme.backends.scripted import load_script
     from thyme.errors import ConfigError
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read script {path}: {exc}") from exc
+    if isinstance(data, list) or (isinstance(data, dict) and "segments" in data):
+        return {}, load_script(path)
     if not isinstance(data, dict):
         raise ConfigError(f'script {path} must be a JSON object {{"<row index>": ["model text", ...]}}')
     scripts = {}
     for index, value in data.items():
         segments = value.get("segments") if isinstance(value, dict) else value
         if not isinstance(segments, list) or not all(isinstance(s, str) for s in segments):
-            raise ConfigError(f"script {path}: row {index!r} must map to a list of model-text strings")
+            raise ConfigError(
+                f"script {path}: row {index!r} must map to a list of model-text strings (or give the whole file "
+                'one recording, {"segments": [...]}, that every row replays)'
+            )
         scripts[str(index)] = segments
-    return scripts
+    return scripts, None
 
 
 def _backend_factory(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -113,7 +129,13 @@ def _backend_factory(args: argparse.Namespace) -> tuple[Any, Any]:
         raise ConfigError("--workers > 1 needs --endpoint (or --scripted): a local model answers one row at a time")
     check_model_name(args)
     if args.scripted:
-        scripts = _load_scripts(args.scripted)
+        scripts, recording = _load_scripts(args.scripted)
+        if recording is not None:
+            print(
+                f"note: scripted replay: every row replays the one recording in {args.scripted} (no model runs)",
+                file=sys.stderr,
+            )
+            return (lambda item: BACKENDS["scripted"](recording)), None
 
         def scripted_for(item: Any) -> Any:
             if item.index not in scripts:
@@ -164,6 +186,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
         check_samples(args.samples, agent_config)
     backend_for, backend = _backend_factory(args)
+    if args.model:
+        agent_config = with_model_pixel_limits(agent_config, args, backend)
     model = args.model or args.endpoint or f"scripted:{args.scripted}"
     info = {"model": model, "backend": "transformers" if args.model else "openai" if args.endpoint else "scripted"}
     try:
@@ -216,10 +240,12 @@ def _report_samples(result: Any) -> int:
 def run_synth(args: argparse.Namespace) -> int:
     """Generates the synthetic set and prints where it is."""
     from thyme.errors import ConfigError
+    from thyme.evaluation.harness import progress_bar
     from thyme.evaluation.synth import generate_synth
 
     try:
-        path = generate_synth(args.out, n=args.n, size=args.size, seed=args.seed)
+        with progress_bar(args.n, enabled=not args.no_progress, desc="thyme bench synth", unit="img") as tick:
+            path = generate_synth(args.out, n=args.n, size=args.size, seed=args.seed, progress=tick)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     print(f"wrote {args.n} rows to {path}")

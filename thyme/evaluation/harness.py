@@ -256,17 +256,20 @@ def _safe_name(index: str) -> str:
 
 
 @contextmanager
-def _progress(total: int, initial: int, enabled: bool) -> Iterator[Callable[[], None]]:
+def progress_bar(
+    total: int, initial: int = 0, enabled: bool = True, *, desc: str = "thyme eval", unit: str = "q"
+) -> Iterator[Callable[[], None]]:
+    """A tqdm bar on stderr for long work (an eval, ``thyme bench synth``); yields the function that advances it."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         if enabled:
-            logger.warning("tqdm is not installed, so no progress bar: pip install 'thyme[eval]'")
+            logger.warning("tqdm is not installed, so no progress bar: pip install 'thyme-vlm[eval]'")
         enabled = False
     if not enabled:
         yield lambda: None
         return
-    with tqdm(total=total, initial=initial, unit="q", desc="thyme eval", dynamic_ncols=True) as bar:
+    with tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True) as bar:
         yield lambda: bar.update(1)
 
 
@@ -344,7 +347,7 @@ def run_evaluation(
     logger.info("%d rows to answer, %d already in %s", len(todo), len(items) - len(todo), store.path)
     with _sandbox_context(sandbox, config, agent_config, bool(todo)) as live_sandbox:
         runner = _RowRunner(backend_for, config, agent_config, out, live_sandbox)
-        with _progress(len(items), len(items) - len(todo), config.progress) as tick:
+        with progress_bar(len(items), len(items) - len(todo), config.progress) as tick:
             _run_rows(todo, runner, store, config.workers, tick)
     recorded = store.load()
     judge_info = None

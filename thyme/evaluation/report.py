@@ -171,11 +171,26 @@ def _load_results(run_dir: Path) -> dict[str, Any]:
     return data
 
 
+def _comparability_warnings(base: dict, new: dict, base_dir: Path, new_dir: Path) -> list[str]:
+    """Lines that say when the two runs did not score the same rows (a 2-row run against a 200-row one)."""
+    warnings = []
+    b_total, n_total = base["metrics"].get("total"), new["metrics"].get("total")
+    if b_total != n_total:
+        warnings.append(
+            f"> **warning**: the runs scored different numbers of rows ({base_dir.name}: {b_total}, {new_dir.name}: "
+            f"{n_total}), so the difference is not a like-for-like comparison (finish or --limit both runs alike)."
+        )
+    if base.get("dataset") and new.get("dataset") and base["dataset"] != new["dataset"]:
+        warnings.append(f"> **warning**: the runs used different data ({base['dataset']} and {new['dataset']}).")
+    return [*warnings, ""] if warnings else []
+
+
 def compare_runs(base_dir: Path, new_dir: Path) -> str:
     """A markdown table of accuracy per category and overall for two runs, with the difference in points.
 
     This is how a tool-use gain is reported: ``--mode direct`` as the base, ``--mode thyme`` as the new run, both
-    from the same harness. Categories present in only one run show ``-`` for the other.
+    from the same harness. Categories present in only one run show ``-`` for the other; runs over different rows
+    or data get a warning above the table.
 
     Raises:
         ConfigError: a folder has no readable ``results.json``.
@@ -195,6 +210,7 @@ def compare_runs(base_dir: Path, new_dir: Path) -> str:
         lines.append(
             f"| {name} | {_percent(b) if b is not None else '-'} | {_percent(n) if n is not None else '-'} | {delta} |"
         )
+    lines = _comparability_warnings(base, new, base_dir, new_dir) + lines
     tools = new["metrics"]
     lines += ["", f"{new_dir.name}: code used in {_percent(tools['code_use_rate'])} % of answers, "
               f"{tools['avg_generation_calls']:.2f} generation calls per answer."]  # fmt: skip

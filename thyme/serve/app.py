@@ -39,7 +39,7 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("thyme serve needs FastAPI and uvicorn: pip install 'thyme[server]'") from exc
+    raise ImportError("thyme serve needs FastAPI and uvicorn: pip install 'thyme-vlm[server]'") from exc
 
 from thyme.agent import ThymeAgent
 from thyme.config import AgentConfig
