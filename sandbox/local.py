@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from thyme.sandbox.errors import InvalidInput, SandboxClosed
+from thyme.sandbox.isolation import Isolation
 from thyme.sandbox.limits import Limits
 from thyme.sandbox.pool import WorkerPool
 from thyme.sandbox.process import WorkerProcess
@@ -38,8 +39,14 @@ class Sandbox:
         repairs (`RepairConfig`, *optional*): which source repairs run (defaults: all the weights expect).
         pool_size (`int`, defaults to `2`): warm workers kept ready.
         work_dir (`str` or `os.PathLike`, *optional*): where session dirs are made (default: a new temp dir).
+        isolation (`Isolation`, *optional*): which OS layers wrap the workers, and ``strict`` to refuse running
+            without bubblewrap's namespaces (default: all layers, strict when ``THYME_SANDBOX_STRICT=1``).
         url (`str`, *optional*): use a remote sandbox server instead (returns a ``RemoteSandbox``).
         token (`str`, *optional*): the remote server's bearer token.
+
+    Attributes:
+        isolation (`dict[str, str]`): per OS layer, in words, what held in the last started worker, plus ``level``
+            (``strong`` when bubblewrap's namespaces held, else ``weak``, with a ``warning``).
 
     Example:
 
@@ -63,12 +70,21 @@ class Sandbox:
 
     def __init__(self, timeout: float | None = None, *, limits: Limits | None = None,
                  repairs: RepairConfig | None = None, pool_size: int = DEFAULT_POOL_SIZE,
-                 work_dir: ImagePath | None = None, url: str | None = None, token: str | None = None) -> None:
+                 work_dir: ImagePath | None = None, isolation: Isolation | None = None, url: str | None = None,
+                 token: str | None = None, _language_layer: bool = True) -> None:
+        # `_language_layer=False` (plain exec, real builtins) is for the layer-ablation tests only (ablation.py).
         limits = limits or Limits()
         if timeout is not None:
             limits = dataclasses.replace(limits, timeout_s=timeout)
         if pool_size < 0:
             raise InvalidInput(f"pool_size ({pool_size}) must be >= 0")
+        self._isolation = isolation or Isolation()
+        weak_reason = self._isolation.check()  # raises IsolationUnavailable in strict mode
+        if weak_reason is not None:
+            logger.warning("WEAK SANDBOX ISOLATION: %s. Workers run without bubblewrap's namespaces (Landlock, "
+                           "seccomp, uid and rlimits still apply); see Sandbox.isolation and docs/sandbox.md",
+                           weak_reason)
+        self._language_layer = _language_layer
         self.limits = limits
         self.repairs = repairs or RepairConfig()
         self._own_root = work_dir is None
@@ -83,8 +99,16 @@ class Sandbox:
         self._pool = WorkerPool(self._start_worker, pool_size)
         self.isolation: dict[str, str] = {}
 
-    def _start_worker(self) -> WorkerProcess:
-        worker = WorkerProcess(self.limits, str(self.root))
+    def _start_worker(self, session_dir: Path | None = None) -> WorkerProcess:
+        """Starts a worker for ``session_dir``, or for a new, empty session dir (a warm worker of the pool)."""
+        if session_dir is None:
+            session_dir = new_session_dir(self.root)
+        try:
+            worker = WorkerProcess(self.limits, str(session_dir), self._isolation,
+                                   language_layer=self._language_layer)
+        except BaseException:
+            shutil.rmtree(session_dir, ignore_errors=True)
+            raise
         self.isolation = worker.isolation
         return worker
 
@@ -101,7 +125,7 @@ class Sandbox:
         if (image is None) == (images is None):
             raise InvalidInput("pass exactly one of image=PATH or images=[PATH, ...]")
         paths = [image] if image is not None else list(images or [])
-        session = Session(paths, item_id, self.root, self.limits, self.repairs, self._pool.acquire)
+        session = Session(paths, item_id, self.limits, self.repairs, self._pool.acquire, self._start_worker)
         self._sessions.add(session)
         return session
 
@@ -144,3 +168,15 @@ class Sandbox:
         if not getattr(self, "_closed", True):
             logger.warning("Sandbox was not closed; closing it now (use `with Sandbox() as sb:` or sb.close())")
             self.close()
+
+
+def new_session_dir(root: Path) -> Path:
+    """A session's dir under the Sandbox's root: ``inputs/`` (the read-only copies) and ``scratch/`` (0700).
+
+    Made before the worker starts, because bubblewrap binds exactly this dir into the worker's view.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="session-", dir=root))
+    directory.chmod(0o711)  # the worker (another uid) may pass through, not list
+    (directory / "inputs").mkdir(mode=0o755)
+    (directory / "scratch").mkdir(mode=0o700)
+    return directory

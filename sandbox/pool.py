@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -44,7 +45,7 @@ class WorkerPool:
                 if worker.alive:
                     self._condition.notify_all()
                     return worker
-                worker.kill()
+                discard(worker)
             self._condition.notify_all()
         return self._start_worker()
 
@@ -71,7 +72,7 @@ class WorkerPool:
                 if worker is None and not self._idle and not self._closed:
                     self._condition.wait(RETRY_DELAY_S)
             if worker is not None:
-                worker.kill()
+                discard(worker)
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Blocks until the pool holds ``size`` idle workers (benchmarks, tests); returns whether it does."""
@@ -84,5 +85,11 @@ class WorkerPool:
             idle, self._idle = list(self._idle), deque()
             self._condition.notify_all()
         for worker in idle:
-            worker.kill()
+            discard(worker)
         self._filler.join(timeout=30)
+
+
+def discard(worker: WorkerProcess) -> None:
+    """Kills a worker no session took, and deletes the empty session dir it was started for."""
+    worker.kill()
+    shutil.rmtree(worker.session_dir, ignore_errors=True)
