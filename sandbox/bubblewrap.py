@@ -90,7 +90,9 @@ def command(bwrap: str, session_dir: str, *, keep_setuid: bool, info_fd: int) ->
             args += ["--ro-bind", path, path]
     args += ["--proc", "/proc", "--dev", "/dev", "--bind", session_dir, session_dir]
     inputs = os.path.join(session_dir, "inputs")
-    args += ["--ro-bind", inputs, inputs, "--remount-ro", "/", "--chdir", session_dir]
+    # Read-only: the root tmpfs and /dev (its shm dir would be a writable place outside scratch; device nodes
+    # such as /dev/null still work on a read-only mount).
+    args += ["--ro-bind", inputs, inputs, "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", session_dir]
     return args
 
 

@@ -4,8 +4,9 @@ filters): system calls that image code never needs and an escaped interpreter wo
 It is the layer that stops UDP and unix-socket connections where there is no network namespace (Landlock rules
 cover TCP only), and it stops ``execve`` (replacing the worker with another program), ``ptrace`` and
 ``process_vm_*`` (reading another process's memory), and the namespace and mount calls that a kernel bug would be
-reached through. libseccomp is loaded through ctypes: its Python binding ships with the system Python only
-(``python3-seccomp``), not with the interpreter the sandbox runs on.
+reached through, and ``chmod``/``chown`` (Landlock has no right for file modes: a worker running as the user who
+owns the input copies could make them writable). libseccomp is loaded through ctypes: its Python binding ships with
+the system Python only (``python3-seccomp``), not with the interpreter the sandbox runs on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ DENIED_SYSCALLS = (
     "finit_module", "delete_module", "open_by_handle_at", "name_to_handle_at", "fanotify_init", "mount_setattr",
     "move_mount", "open_tree", "fsopen", "fsmount", "fspick", "personality", "acct", "swapon", "swapoff",
     "reboot", "settimeofday", "clock_settime", "quotactl", "lookup_dcookie", "vm86", "vm86old",
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "fchownat", "lchown",
 )
 """Each fails with EPERM. Names this architecture does not have are skipped."""
 
@@ -61,4 +63,4 @@ def install() -> str:
             return f"absent (seccomp_load: {errno.errorcode.get(-code, code)})"
     finally:
         lib.seccomp_release(context)
-    return f"{denied} system calls refused (sockets, exec, ptrace, namespaces, mounts)"
+    return f"{denied} system calls refused (sockets, exec, ptrace, namespaces, mounts, chmod/chown)"
