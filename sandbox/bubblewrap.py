@@ -64,10 +64,12 @@ def executable() -> str | None:
     return shutil.which("bwrap")
 
 
-def command(bwrap: str, session_dir: str, *, keep_setuid: bool, info_fd: int) -> list[str]:
+def command(bwrap: str, session_dir: str, *, keep_setuid: bool, info_fd: int, zygote: bool = False) -> list[str]:
     """The bwrap argument list that wraps a worker serving ``session_dir`` (append ``--`` and the worker's argv).
 
     Args:
+        zygote (`bool`, defaults to `False`): ``session_dir`` is the Sandbox's work dir, under which the zygote's
+            children each serve one session (their Landlock rules keep them to it, inputs read-only).
         keep_setuid (`bool`): as root, keep CAP_SETUID/CAP_SETGID (and CAP_SYS_NICE) so the worker can drop to its
             own uid after its imports; every other capability is dropped. Without root nothing is kept.
         info_fd (`int`): fd on which bubblewrap writes its JSON info (``child-pid``: the host PID of the
@@ -89,10 +91,10 @@ def command(bwrap: str, session_dir: str, *, keep_setuid: bool, info_fd: int) ->
         elif os.path.exists(path):
             args += ["--ro-bind", path, path]
     args += ["--proc", "/proc", "--dev", "/dev", "--bind", session_dir, session_dir]
-    inputs = os.path.join(session_dir, "inputs")
+    inputs = [] if zygote else ["--ro-bind", os.path.join(session_dir, "inputs"), os.path.join(session_dir, "inputs")]
     # Read-only: the root tmpfs and /dev (its shm dir would be a writable place outside scratch; device nodes
     # such as /dev/null still work on a read-only mount).
-    args += ["--ro-bind", inputs, inputs, "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", session_dir]
+    args += [*inputs, "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", session_dir]
     return args
 
 

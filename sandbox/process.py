@@ -17,12 +17,15 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from thyme.sandbox import bubblewrap
 from thyme.sandbox.errors import WorkerCrashed, WorkerError
 from thyme.sandbox.isolation import Isolation, summarize
 from thyme.sandbox.limits import Limits
+
+if TYPE_CHECKING:  # imported when used: `python -m thyme.sandbox.zygote` must not find it imported already
+    from thyme.sandbox.zygote import Zygote
 
 logger = logging.getLogger(__name__)
 
@@ -117,18 +120,48 @@ class WorkerProcess:
         language_layer (`bool`, defaults to `True`): ``False`` runs plain ``exec`` (tests of the OS layers alone).
     """
 
-    def __init__(self, limits: Limits, session_dir: str, isolation: Isolation, *, language_layer: bool = True) -> None:
-        # TMPDIR: the scratch dir is the only writable place (libraries that ask tempfile for a dir get it).
-        env = dict(CLEAN_ENV, OPENCV_IO_MAX_IMAGE_PIXELS=str(limits.max_pixels),
-                   TMPDIR=os.path.join(session_dir, "scratch"))
+    def __init__(self, limits: Limits, session_dir: str, isolation: Isolation, *, language_layer: bool = True,
+                 zygote: Zygote | None = None) -> None:
         self.limits = limits
         self.session_dir = session_dir
         self._buffer = b""
         weak_reason = isolation.check()
-        config = {"limits": limits.to_dict(), "session_dir": session_dir,
-                  "namespaces": _namespaces(isolation, weak_reason),
-                  "landlock": isolation.landlock, "seccomp": isolation.seccomp, "language_layer": language_layer,
-                  "read_only": bubblewrap.read_only_paths()}
+        if zygote is not None:
+            self._fork(zygote, weak_reason)
+        else:
+            self._spawn(worker_config(limits, isolation, language_layer, weak_reason, session_dir), weak_reason)
+        # One uid per live worker: the pid of the process the parent started is unique while the worker lives.
+        self.uid: int = WORKER_UID_BASE + self.process.pid if os.geteuid() == 0 else os.getuid()
+        try:
+            self._write({"uid": self.uid})
+            hello = self._read(START_TIMEOUT_S, nonce=None)
+        except (WorkerError, OSError) as exc:
+            self.kill()
+            raise WorkerCrashed(f"a sandbox worker failed to start: {exc}") from exc
+        finally:
+            if self._info_fd >= 0:
+                os.close(self._info_fd)
+                self._info_fd = -1
+        if "startup_error" in hello:
+            self.kill()
+            raise WorkerCrashed(f"a sandbox worker failed to isolate itself: {hello['startup_error']}")
+        self.pid: int = self._host_pid if self._host_pid is not None else int(hello["pid"])
+        """The worker's PID as this process sees it (inside bubblewrap it is 2 in its own PID namespace)."""
+        self.isolation: dict[str, str] = summarize(hello, weak_reason)
+
+    def _fork(self, zygote: Zygote, weak_reason: str | None) -> None:
+        try:
+            self.process: Any = zygote.fork(self.session_dir, START_TIMEOUT_S)
+        except OSError as exc:
+            raise WorkerCrashed(f"the sandbox zygote could not fork a worker: {exc}") from exc
+        self._info_fd = -1
+        self._wrapped = False
+        self._host_pid: int | None = self.process.pid
+
+    def _spawn(self, config: dict[str, Any], weak_reason: str | None) -> None:
+        session_dir = self.session_dir
+        # TMPDIR: the scratch dir is the only writable place (libraries that ask tempfile for a dir get it).
+        env = worker_env(self.limits, os.path.join(session_dir, "scratch"))
         argv = [sys.executable, "-I", "-m", "thyme.sandbox.worker", json.dumps(config)]
         info_read, pass_fds = -1, ()
         if weak_reason is None:
@@ -149,25 +182,7 @@ class WorkerProcess:
                 os.close(fd)
         self._info_fd = info_read
         self._wrapped = weak_reason is None
-        self._host_pid: int | None = None if weak_reason is None else self.process.pid
-        # One uid per live worker: the pid of the process the parent started is unique while the worker lives.
-        self.uid: int = WORKER_UID_BASE + self.process.pid if os.geteuid() == 0 else os.getuid()
-        try:
-            self._write({"uid": self.uid})
-            hello = self._read(START_TIMEOUT_S, nonce=None)
-        except (WorkerError, OSError) as exc:
-            self.kill()
-            raise WorkerCrashed(f"a sandbox worker failed to start: {exc}") from exc
-        finally:
-            if info_read >= 0:
-                os.close(info_read)
-                self._info_fd = -1
-        if "startup_error" in hello:
-            self.kill()
-            raise WorkerCrashed(f"a sandbox worker failed to isolate itself: {hello['startup_error']}")
-        self.pid: int = self._host_pid if self._host_pid is not None else int(hello["pid"])
-        """The worker's PID as this process sees it (inside bubblewrap it is 2 in its own PID namespace)."""
-        self.isolation: dict[str, str] = summarize(hello, weak_reason)
+        self._host_pid = None if weak_reason is None else self.process.pid
 
     @property
     def alive(self) -> bool:
@@ -224,6 +239,8 @@ class WorkerProcess:
         if not isinstance(reply, dict) or reply.get("nonce") != nonce:
             self.kill()
             raise ProtocolViolation(f"the sandbox process sent a reply that is not the protocol: {line[:200]!r}")
+        if nonce is None and "startup_error" in reply:
+            return reply  # the worker is killed by the caller: whether it stopped does not matter
         self._wait_stopped(max(STOP_TIMEOUT_S, deadline - time.monotonic()))
         if self._buffer or select.select([fd], [], [], 0)[0]:
             self.kill()
@@ -306,6 +323,37 @@ class WorkerProcess:
             if pipe is not None:
                 with contextlib.suppress(BrokenPipeError):  # unsent bytes to a dead worker: nothing to deliver
                     pipe.close()
+
+
+def worker_config(limits: Limits, isolation: Isolation, language_layer: bool, weak_reason: str | None,
+                  session_dir: str | None) -> dict[str, Any]:
+    """What the worker (or the zygote) is told to do: limits, which layers, the read-only paths."""
+    return {"limits": limits.to_dict(), "session_dir": session_dir, "namespaces": _namespaces(isolation, weak_reason),
+            "landlock": isolation.landlock, "seccomp": isolation.seccomp, "language_layer": language_layer,
+            "read_only": bubblewrap.read_only_paths()}
+
+
+def worker_env(limits: Limits, tmpdir: str) -> dict[str, str]:
+    return dict(CLEAN_ENV, OPENCV_IO_MAX_IMAGE_PIXELS=str(limits.max_pixels), TMPDIR=tmpdir)
+
+
+def start_zygote(limits: Limits, root: str, isolation: Isolation, *, language_layer: bool) -> Zygote:
+    """Starts the fork server for a Sandbox's work dir ``root`` (inside bubblewrap where it can run)."""
+    weak_reason = isolation.check()
+    config = worker_config(limits, isolation, language_layer, weak_reason, None)
+    command = None
+    if weak_reason is None:
+        bwrap = str(bubblewrap.executable())
+
+        def command(info_fd: int) -> list[str]:
+            return bubblewrap.command(bwrap, root, keep_setuid=os.geteuid() == 0, info_fd=info_fd, zygote=True)
+
+    from thyme.sandbox.zygote import Zygote
+
+    try:
+        return Zygote(config, root, worker_env(limits, root), command, _SPAWNER.popen, START_TIMEOUT_S)
+    except OSError as exc:
+        raise WorkerCrashed(f"the sandbox zygote failed to start: {exc}") from exc
 
 
 def _namespaces(isolation: Isolation, weak_reason: str | None) -> str:

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 CLONE_NEWNS = 0x00020000
@@ -62,7 +64,10 @@ WARM_MODULES = (
 import that still fails later is an ImportError for the code; docs/sandbox.md says how to avoid it."""
 
 
+@functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL:
+    """Loaded once: ``find_library`` runs ldconfig in a subprocess, which a zygote's child must not (and a
+    confined worker cannot) start."""
     return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -185,35 +190,50 @@ def isolate(config: dict[str, Any], uid: int) -> dict[str, Any]:
         `dict`: per layer, in words, what held (``namespaces``, ``network``, ``files``, ``landlock``, ``seccomp``,
         ``user``, ``no_new_privs``, ``rlimits``), and ``uid``, the uid the code runs as.
     """
-    from thyme.sandbox import landlock, seccomp
-    from thyme.sandbox.limits import Limits
+    report = enter_namespaces(config, config["session_dir"])
+    warm_up()
+    return confine(config, uid, report)
 
-    limits = Limits(**config["limits"])
-    session_dir = config["session_dir"]
+
+def enter_namespaces(config: dict[str, Any], visible_dir: str) -> dict[str, Any]:
+    """Step 2: says what bubblewrap gave, or enters the fallback namespaces with ``visible_dir`` left writable."""
     report: dict[str, Any] = {}
-    niceness = os.getpriority(os.PRIO_PROCESS, 0)
-    if os.geteuid() == 0:
-        # Warm up at the lowest priority, so a replacement worker started behind a taken one does not slow the code
-        # running in that one; root may raise the priority back afterwards (another user could not).
-        os.setpriority(os.PRIO_PROCESS, 0, WARM_UP_NICENESS)
     if config["namespaces"] == "bubblewrap":
         report["namespaces"] = ("bubblewrap: own mount, PID, network, IPC and UTS namespaces; only the Python "
                                 "install, the system libraries and this session's dir exist")
         report["network"] = "network namespace (no interface up)"
-        report["files"] = f"only the Python install, system libraries and {session_dir} (inputs read-only)"
+        report["files"] = f"only the Python install, system libraries and {visible_dir} (inputs read-only)"
     elif config["namespaces"] == "none":
         report["namespaces"] = "off: host files and processes are visible to this layer"
         report["network"] = "not isolated (namespaces off)"
         report["files"] = "host view (namespaces off)"
     else:
         own_mounts, report["network"] = _unshare()
-        report["files"] = _read_only_filesystem(session_dir) if own_mounts else "writable (no mount namespace)"
+        report["files"] = _read_only_filesystem(visible_dir) if own_mounts else "writable (no mount namespace)"
         report["namespaces"] = ("fallback: " + report["network"] + "; host files and processes stay visible"
                                 if own_mounts else "none: host files and processes are visible")
+    return report
+
+
+def warm_up() -> None:
+    """Step 3, at the lowest priority as root, so a replacement worker started behind a taken one does not slow the
+    code running in that one; root may raise the priority back afterwards (another user could not)."""
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    if os.geteuid() == 0:
+        os.setpriority(os.PRIO_PROCESS, 0, WARM_UP_NICENESS)
     _warm_imports()
     if os.geteuid() == 0:
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
-    report["no_new_privs"] = _no_new_privileges()
+
+
+def confine(config: dict[str, Any], uid: int, report: dict[str, Any]) -> dict[str, Any]:
+    """Steps 4-7 for ``config["session_dir"]``: Landlock, seccomp, the uid, the rlimits; adds what held."""
+    from thyme.sandbox import landlock, seccomp
+    from thyme.sandbox.limits import Limits
+
+    session_dir = config["session_dir"]
+    parent = os.getppid()
+    report = dict(report, no_new_privs=_no_new_privileges())
     if config["landlock"]:
         scratch = os.path.join(session_dir, "scratch")
         report["landlock"] = landlock.restrict_self([*config["read_only"], os.path.join(session_dir, "inputs")],
@@ -222,7 +242,12 @@ def isolate(config: dict[str, Any], uid: int) -> dict[str, Any]:
         report["landlock"] = "off"
     report["seccomp"] = seccomp.install() if config["seccomp"] else "off"
     report["user"] = _drop_privileges(uid)
-    report["rlimits"] = _apply_limits(limits)
+    # Again after the uid change, which clears the parent-death signal: a stopped worker must not outlive its
+    # parent (the Sandbox, or the zygote it was forked from).
+    _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+    report["rlimits"] = _apply_limits(Limits(**config["limits"]))
     report["uid"] = os.getuid()
     return report
 
@@ -242,7 +267,8 @@ def _send(channel: BinaryIO, message: dict[str, Any]) -> None:
     os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def main(argv: list[str]) -> int:
+def protocol_fds() -> tuple[BinaryIO, BinaryIO]:
+    """Step 1: the protocol pipes on private fds, fds 0-2 on /dev/null, death with the parent."""
     requests = os.fdopen(os.dup(0), "rb")
     replies = os.fdopen(os.dup(1), "wb")
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -250,11 +276,15 @@ def main(argv: list[str]) -> int:
         os.dup2(devnull, fd)
     os.close(devnull)
     _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # a stopped worker must not outlive its parent
+    return requests, replies
 
-    config = json.loads(argv[0])
+
+def serve(config: dict[str, Any], requests: BinaryIO, replies: BinaryIO,
+          isolate_as: Callable[[int], dict[str, Any]]) -> int:
+    """Reads the uid, isolates (``isolate_as(uid)``), says ``ready``, then serves ``open`` and ``run``."""
     uid = int(json.loads(requests.readline())["uid"])
     try:
-        report = isolate(config, uid)
+        report = isolate_as(uid)
     except Exception as exc:  # noqa: BLE001 - told to the parent, which raises WorkerCrashed with it
         _send(replies, {"startup_error": f"{type(exc).__name__}: {exc}"})
         return 1
@@ -286,6 +316,12 @@ def main(argv: list[str]) -> int:
             reply = {"protocol_error": f"unexpected request {request.get('op')!r}"}
         _send(replies, dict(reply, nonce=nonce))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    requests, replies = protocol_fds()
+    config = json.loads(argv[0])
+    return serve(config, requests, replies, lambda uid: isolate(config, uid))
 
 
 if __name__ == "__main__":

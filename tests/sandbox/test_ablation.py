@@ -7,7 +7,9 @@ back, the listener got a connection, the sentinel file exists, the input changed
 - ``full``: bubblewrap + Landlock + seccomp (+ uid drop as root, + rlimits, always);
 - ``bubblewrap``: bubblewrap alone;
 - ``landlock``: Landlock alone (no namespaces at all);
-- ``no-bwrap``: a machine without bubblewrap (hidden here): the fallback namespaces + Landlock + seccomp.
+- ``no-bwrap``: a machine without bubblewrap (hidden here): the fallback namespaces + Landlock + seccomp;
+- ``zygote``: all layers, workers forked from one warm process inside bubblewrap (``start_method="zygote"``), each
+  confined to its own session by Landlock, its uid and its rlimits.
 
 Landlock alone does not cover UDP or pathname unix sockets (its network rules are TCP only; seccomp or a network
 namespace stops those): that is asserted too, so the table in docs/sandbox.md stays true. The suite runs as root and,
@@ -20,8 +22,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +99,7 @@ LAYERS = {
     "bubblewrap": Isolation(landlock=False, seccomp=False),
     "landlock": Isolation(bubblewrap=False, seccomp=False),
     "no-bwrap": Isolation(),
+    "zygote": Isolation(),
 }
 EXPECTED_BREACHES = {"landlock": {"udp_send", "unix_connect"} | ({"chmod_input_copy"} if os.geteuid() else set())}
 """What a layer set is documented NOT to stop (docs/sandbox.md); every other attack must have no effect. Landlock has
@@ -108,7 +113,10 @@ def layered(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setattr(bubblewrap, "probe", lambda: "bubblewrap is not installed (hidden by the test)")
     elif bubblewrap.probe() is not None and LAYERS[name].bubblewrap:
         pytest.skip(f"bubblewrap cannot run here: {bubblewrap.probe()}")
-    with Sandbox(timeout=30, pool_size=0, isolation=LAYERS[name], _language_layer=False) as sandbox:
+    start_method = "zygote" if name == "zygote" else "exec"
+    with Sandbox(timeout=30, pool_size=0, isolation=LAYERS[name], start_method=start_method,
+                 _language_layer=False) as sandbox:
+        assert sandbox.start_method == start_method
         yield name, sandbox
 
 
@@ -210,7 +218,7 @@ def test_each_layer_set_holds_against_full_python(layered: tuple[str, Sandbox], 
         assert not (sandbox.root / "planted.txt").exists()
         assert out["allocate_2gib"].startswith("MemoryError")
     other.close()
-    if name in ("full", "bubblewrap"):
+    if name in ("full", "bubblewrap", "zygote"):
         assert sandbox.isolation["level"] == "strong", sandbox.isolation
         assert sandbox.isolation["namespaces"].startswith("bubblewrap")
     else:
@@ -221,6 +229,54 @@ def test_each_layer_set_holds_against_full_python(layered: tuple[str, Sandbox], 
     if os.geteuid() == 0:
         assert "dropped from root" in sandbox.isolation["user"]
     assert sandbox.isolation["rlimits"] == "all set"
+
+
+def test_two_workers_forked_from_one_zygote_share_nothing(small_image: Path) -> None:
+    """Siblings of one zygote draw different random numbers (random, numpy's global generator, uuid) and cannot
+    see each other's files or processes, nor signal each other."""
+    code = (
+        "import json, os, random, uuid\nimport numpy as np\n"
+        "open(temp_output_dir + 'mine.txt', 'w').write('mine')\n"
+        "print(json.dumps({'random': random.random(), 'numpy': float(np.random.rand()), 'uuid': str(uuid.uuid4()),"
+        " 'scratch': temp_output_dir, 'pid': os.getpid()}))\n"
+    )
+    probe = (
+        "import json, os, signal\nout = {}\n"
+        "for name, action in [('read', lambda: open(OTHER + 'mine.txt').read()), ('list', lambda: os.listdir(OTHER)),"
+        " ('proc', lambda: os.listdir('/proc')), ('signal', lambda: os.kill(OTHER_PID, signal.SIGKILL))]:\n"
+        "    try:\n        action()\n        out[name] = 'done'\n"
+        "    except Exception as exc:\n        out[name] = type(exc).__name__\n"
+        "print(json.dumps(out))\n"
+    )
+    with Sandbox(timeout=30, pool_size=0, start_method="zygote", _language_layer=False) as sandbox:
+        if sandbox.start_method != "zygote":
+            pytest.skip("this kernel has no Landlock ABI 6: the Sandbox starts workers with exec")
+        first, second = (sandbox.session(image=str(small_image)) for _ in range(2))
+        drawn = [json.loads(session.run(code).stdout) for session in (first, second)]
+        for key in ("random", "numpy", "uuid"):
+            assert drawn[0][key] != drawn[1][key], key
+        assert first._worker.process._zygote is second._worker.process._zygote  # forked from the same zygote
+        result = second.run(f"OTHER = {drawn[0]['scratch']!r}\nOTHER_PID = {drawn[0]['pid']}\n" + probe)
+        assert json.loads(result.stdout) == {"read": "PermissionError", "list": "PermissionError",
+                                             "proc": "PermissionError", "signal": "PermissionError"}
+        assert first.run("print(open(temp_output_dir + 'mine.txt').read())").stdout == "mine\n"  # still alive
+        first.close()
+        second.close()
+
+
+def test_sessions_in_flight_fail_cleanly_when_the_zygote_dies(small_image: Path) -> None:
+    with Sandbox(timeout=30, pool_size=0, start_method="zygote") as sandbox:
+        if sandbox.start_method != "zygote":
+            pytest.skip("this kernel has no Landlock ABI 6: the Sandbox starts workers with exec")
+        with sandbox.session(image=str(small_image)) as session:
+            assert session.run("x = 41").ok
+            zygote = sandbox._zygote
+            threading.Timer(1.0, os.kill, (zygote.pid, signal.SIGKILL)).start()
+            result = session.run("import time\ntime.sleep(6)\nprint(x + 1)")
+            assert not result.ok and "SIGKILL" in result.error, result.error  # its worker died with the zygote
+            again = session.run("print(1 + 1)")  # a new zygote forks a new worker for the same session
+            assert again.ok and again.stdout == "2\n"
+            assert sandbox._zygote is not zygote and sandbox._zygote.alive
 
 
 def test_strict_mode_refuses_a_machine_without_bubblewrap(monkeypatch: pytest.MonkeyPatch) -> None:
