@@ -127,7 +127,7 @@ class WorkerProcess:
         self._buffer = b""
         weak_reason = isolation.check()
         if zygote is not None:
-            self._fork(zygote, weak_reason)
+            self._fork(zygote)
         else:
             self._spawn(worker_config(limits, isolation, language_layer, weak_reason, session_dir), weak_reason)
         # One uid per live worker: the pid of the process the parent started is unique while the worker lives.
@@ -149,7 +149,7 @@ class WorkerProcess:
         """The worker's PID as this process sees it (inside bubblewrap it is 2 in its own PID namespace)."""
         self.isolation: dict[str, str] = summarize(hello, weak_reason)
 
-    def _fork(self, zygote: Zygote, weak_reason: str | None) -> None:
+    def _fork(self, zygote: Zygote) -> None:
         try:
             self.process: Any = zygote.fork(self.session_dir, START_TIMEOUT_S)
         except OSError as exc:
@@ -254,7 +254,7 @@ class WorkerProcess:
         """
         if self._host_pid is None:
             self._host_pid = self._find_worker_pid()
-        if not os.path.exists(f"/proc/{self._host_pid}/stat"):
+        if not os.path.exists("/proc/self/stat"):
             return  # no /proc (macOS): the stop cannot be observed; docs/sandbox.md says so
         deadline = time.monotonic() + timeout_s
         pause = 0.0002

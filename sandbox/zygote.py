@@ -18,6 +18,7 @@ pipe ends attached (SCM_RIGHTS); the zygote answers ``{"forked": pid, "seq"}`` a
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -126,8 +127,8 @@ class Zygote:
             with self._lock:
                 self._seq += 1
                 seq = self._seq
-                socket.send_fds(self._control, [json.dumps({"session_dir": session_dir, "seq": seq}).encode()],
-                                [request_read, reply_write])
+                request = {"session_dir": session_dir, "seq": seq}
+                socket.send_fds(self._control, [json.dumps(request).encode()], [request_read, reply_write])
         except OSError:
             for fd in (request_read, request_write, reply_read, reply_write):
                 os.close(fd)
@@ -242,6 +243,7 @@ def main(argv: list[str]) -> int:
     else:
         report["namespaces"] += " (around the zygote)"
     worker.warm_up()
+    gc.freeze()  # the warm objects move out of the collector's reach: its passes in a child do not copy their pages
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     signal.set_wakeup_fd(wake_write)
