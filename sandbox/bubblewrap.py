@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
+import select
 import shutil
 import site
 import subprocess
 import sys
+import time
 
 SYSTEM_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache",
                 "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
@@ -96,6 +99,33 @@ def command(bwrap: str, session_dir: str, *, keep_setuid: bool, info_fd: int, zy
     # such as /dev/null still work on a read-only mount).
     args += [*inputs, "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", session_dir]
     return args
+
+
+def sandboxed_pid(info_fd: int) -> int:
+    """The host PID of the process bubblewrap runs, read from its ``--info-fd``: the only child of the PID
+    namespace's init (bubblewrap's own), which reports only its own PID.
+
+    Raises:
+        OSError: bubblewrap wrote no info, or its init exited, or no child appeared.
+    """
+    info = b""
+    while True:
+        ready, _, _ = select.select([info_fd], [], [], PROBE_TIMEOUT_S)
+        chunk = os.read(info_fd, 4096) if ready else b""
+        info += chunk
+        try:
+            init_pid = int(json.loads(info)["child-pid"])
+            break
+        except ValueError:
+            if not chunk:
+                raise OSError(f"bubblewrap gave no child pid: {info[:200]!r}") from None
+    for _ in range(1000):
+        with open(f"/proc/{init_pid}/task/{init_pid}/children") as children:  # FileNotFoundError: init exited
+            pids = children.read().split()
+        if pids:
+            return int(pids[0])
+        time.sleep(0.001)
+    raise OSError("no process appeared inside bubblewrap")
 
 
 def _ancestors(path: str) -> list[str]:

@@ -2,9 +2,10 @@
 
 The strong layer is bubblewrap's namespaces: the worker sees no host file, no other process and no network at all.
 Landlock, seccomp, the uid drop and the rlimits hold as well where bubblewrap cannot run (not installed, or a
-non-root user on a system that forbids unprivileged user namespaces), but there the worker still sees other
-processes in ``ps``-like ways the kernel allows and the host's file *names* through the fallback mount namespace, so
-the report says ``weak`` and logs a warning. ``strict=True`` refuses to start without the strong layer.
+non-root user on a system that forbids unprivileged user namespaces), but there the host is merely refused rather
+than absent: one kernel mechanism (Landlock's path rules, seccomp's socket rule) stands between the code and each
+host file, process or socket, and an older kernel has fewer of them. So the report says ``weak`` and a warning is
+logged. ``strict=True`` refuses to start without the strong layer.
 """
 
 from __future__ import annotations

@@ -118,6 +118,7 @@ class WorkerProcess:
         session_dir (`str`): the session's dir (``inputs/`` and ``scratch/`` must exist); the only one it sees.
         isolation (`Isolation`): which OS layers to use.
         language_layer (`bool`, defaults to `True`): ``False`` runs plain ``exec`` (tests of the OS layers alone).
+        zygote (`Zygote`, *optional*): fork the worker from this fork server instead of starting an interpreter.
     """
 
     def __init__(self, limits: Limits, session_dir: str, isolation: Isolation, *, language_layer: bool = True,
@@ -176,6 +177,8 @@ class WorkerProcess:
                 env=env, start_new_session=True, pass_fds=pass_fds,
             )
         except OSError as exc:
+            if info_read >= 0:
+                os.close(info_read)
             raise WorkerError(f"could not start a sandbox worker with {argv[0]}: {exc}") from exc
         finally:
             for fd in pass_fds:
@@ -272,28 +275,12 @@ class WorkerProcess:
             pause = min(pause * 2, 0.02)
 
     def _find_worker_pid(self) -> int:
-        """The host PID of the worker inside bubblewrap: the only child of the namespace's init."""
-        info = b""
-        while True:
-            ready, _, _ = select.select([self._info_fd], [], [], START_TIMEOUT_S)
-            chunk = os.read(self._info_fd, 4096) if ready else b""
-            info += chunk
-            try:
-                init_pid = int(json.loads(info)["child-pid"])
-                break
-            except ValueError:
-                if not chunk:
-                    raise WorkerError(f"bubblewrap gave no child pid: {info[:200]!r}") from None
-        for _ in range(1000):
-            try:
-                with open(f"/proc/{init_pid}/task/{init_pid}/children") as children:
-                    pids = children.read().split()
-            except FileNotFoundError as exc:
-                raise self._died() from exc
-            if pids:
-                return int(pids[0])
-            time.sleep(0.001)
-        raise WorkerError("the sandbox worker did not appear inside bubblewrap")
+        try:
+            return bubblewrap.sandboxed_pid(self._info_fd)
+        except FileNotFoundError as exc:  # bubblewrap's init exited: the worker is gone
+            raise self._died() from exc
+        except OSError as exc:
+            raise WorkerError(str(exc)) from exc
 
     def _died(self) -> WorkerDied:
         try:

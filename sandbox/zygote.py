@@ -28,8 +28,9 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from typing import Any
+
+from thyme.sandbox import bubblewrap
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class Zygote:
             if not isinstance(hello, dict) or not hello.get("ready"):
                 raise OSError(f"the sandbox zygote did not start: {hello!r}")
             self.report: dict[str, str] = hello["report"]
-            self.pid = _only_child(info_read, self.process.pid) if self._wrapped else self.process.pid
+            self.pid = bubblewrap.sandboxed_pid(info_read) if self._wrapped else self.process.pid
         except BaseException:
             self.close()
             raise
@@ -197,28 +198,6 @@ class Zygote:
         self._control.close()
         with self._condition:
             self._condition.notify_all()
-
-
-def _only_child(info_fd: int, fallback: int) -> int:
-    """The host PID of the process bubblewrap runs: the only child of its namespace's init."""
-    info = b""
-    while True:
-        ready, _, _ = select.select([info_fd], [], [], 30)
-        chunk = os.read(info_fd, 4096) if ready else b""
-        info += chunk
-        try:
-            init_pid = int(json.loads(info)["child-pid"])
-            break
-        except ValueError:
-            if not chunk:
-                return fallback
-    for _ in range(1000):
-        with open(f"/proc/{init_pid}/task/{init_pid}/children") as children:
-            pids = children.read().split()
-        if pids:
-            return int(pids[0])
-        time.sleep(0.001)
-    raise OSError("the sandbox zygote did not appear inside bubblewrap")
 
 
 # --- the zygote process -------------------------------------------------------------------------------------------
