@@ -116,14 +116,18 @@ class Sandbox:
         self._pool = WorkerPool(self._start_worker, pool_size)
         self.isolation: dict[str, str] = {}
 
-    def _start_worker(self, session_dir: Path | None = None) -> WorkerProcess:
-        """Starts a worker for ``session_dir``, or for a new, empty session dir (a warm worker of the pool)."""
+    def _start_worker(self, session_dir: Path | None = None, *, warm: bool = False) -> WorkerProcess:
+        """Starts a worker for ``session_dir``, or for a new, empty session dir (a warm worker of the pool).
+
+        ``warm``: nobody waits for this worker yet; one forked from the zygote then rehearses a typical code block,
+        so the copy-on-write faults of the pages that touches are paid now rather than in its session's first run.
+        """
         if session_dir is None:
             session_dir = new_session_dir(self.root)
         try:
             zygote = self._live_zygote() if self.start_method == "zygote" else None
             worker = WorkerProcess(self.limits, str(session_dir), self._isolation,
-                                   language_layer=self._language_layer, zygote=zygote)
+                                   language_layer=self._language_layer, zygote=zygote, rehearse=warm)
         except BaseException:
             shutil.rmtree(session_dir, ignore_errors=True)
             raise

@@ -21,11 +21,12 @@ class WorkerPool:
     """Keeps ``size`` started workers waiting. A taken worker belongs to one session and is never returned.
 
     Args:
-        start_worker (`Callable[[], WorkerProcess]`): starts one worker (blocking, ~0.5-1 s).
+        start_worker (`Callable[..., WorkerProcess]`): starts one worker (blocking: ~0.5-1 s with exec, ms from a
+            zygote); called with ``warm=True`` for the idle workers nobody waits for yet.
         size (`int`): how many idle workers to keep ready.
     """
 
-    def __init__(self, start_worker: Callable[[], WorkerProcess], size: int) -> None:
+    def __init__(self, start_worker: Callable[..., WorkerProcess], size: int) -> None:
         self._start_worker = start_worker
         self._size = size
         self._idle: deque[WorkerProcess] = deque()
@@ -58,7 +59,7 @@ class WorkerPool:
                     return
                 self._starting += 1
             try:
-                worker: WorkerProcess | None = self._start_worker()
+                worker: WorkerProcess | None = self._start_worker(warm=True)
             except WorkerError as exc:
                 logger.warning("sandbox pool: starting a warm worker failed, retrying in %.0f s: %s",
                                RETRY_DELAY_S, exc)

@@ -119,16 +119,17 @@ class WorkerProcess:
         isolation (`Isolation`): which OS layers to use.
         language_layer (`bool`, defaults to `True`): ``False`` runs plain ``exec`` (tests of the OS layers alone).
         zygote (`Zygote`, *optional*): fork the worker from this fork server instead of starting an interpreter.
+        rehearse (`bool`, defaults to `False`): a forked worker runs a typical code block once before it is ready.
     """
 
     def __init__(self, limits: Limits, session_dir: str, isolation: Isolation, *, language_layer: bool = True,
-                 zygote: Zygote | None = None) -> None:
+                 zygote: Zygote | None = None, rehearse: bool = False) -> None:
         self.limits = limits
         self.session_dir = session_dir
         self._buffer = b""
         weak_reason = isolation.check()
         if zygote is not None:
-            self._fork(zygote)
+            self._fork(zygote, rehearse)
         else:
             self._spawn(worker_config(limits, isolation, language_layer, weak_reason, session_dir), weak_reason)
         # One uid per live worker: the pid of the process the parent started is unique while the worker lives.
@@ -150,9 +151,9 @@ class WorkerProcess:
         """The worker's PID as this process sees it (inside bubblewrap it is 2 in its own PID namespace)."""
         self.isolation: dict[str, str] = summarize(hello, weak_reason)
 
-    def _fork(self, zygote: Zygote) -> None:
+    def _fork(self, zygote: Zygote, rehearse: bool) -> None:
         try:
-            self.process: Any = zygote.fork(self.session_dir, START_TIMEOUT_S)
+            self.process: Any = zygote.fork(self.session_dir, START_TIMEOUT_S, rehearse=rehearse)
         except OSError as exc:
             raise WorkerCrashed(f"the sandbox zygote could not fork a worker: {exc}") from exc
         self._info_fd = -1

@@ -120,7 +120,7 @@ class Zygote:
     def alive(self) -> bool:
         return not self._closed and self.process.poll() is None
 
-    def fork(self, session_dir: str, timeout_s: float) -> Forked:
+    def fork(self, session_dir: str, timeout_s: float, *, rehearse: bool = False) -> Forked:
         """Forks a worker for ``session_dir``; it then waits for its uid on its request pipe, like a started one."""
         request_read, request_write = os.pipe()
         reply_read, reply_write = os.pipe()
@@ -128,7 +128,7 @@ class Zygote:
             with self._lock:
                 self._seq += 1
                 seq = self._seq
-                request = {"session_dir": session_dir, "seq": seq}
+                request = {"session_dir": session_dir, "seq": seq, "rehearse": rehearse}
                 socket.send_fds(self._control, [json.dumps(request).encode()], [request_read, reply_write])
         except OSError:
             for fd in (request_read, request_write, reply_read, reply_write):
@@ -281,6 +281,8 @@ def _child(config: dict[str, Any], report: dict[str, Any], request: dict[str, An
         os.chdir(session_dir)
         os.environ["TMPDIR"] = os.path.join(session_dir, "scratch")
         child_config = dict(config, session_dir=session_dir)
+        if request.get("rehearse") and config["language_layer"]:
+            _rehearse(os.path.join(session_dir, "scratch"), child_config["limits"])
         code = worker.serve(child_config, os.fdopen(requests_fd, "rb"), os.fdopen(replies_fd, "wb"),
                             lambda uid: worker.confine(child_config, uid, report))
     except BaseException as exc:  # noqa: BLE001 - told to the parent as a start-up error, then the child exits
@@ -288,6 +290,40 @@ def _child(config: dict[str, Any], report: dict[str, Any], request: dict[str, An
             os.write(fds[1], json.dumps({"startup_error": f"{type(exc).__name__}: {exc}"}).encode() + b"\n")
     finally:
         os._exit(code)
+
+
+REHEARSAL = (
+    "import cv2\nimg = cv2.imread(image_path)\ncrop = img[100:400, 100:500]\n"
+    "big = cv2.resize(crop, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)\n"
+    "path = temp_output_dir + 'rehearsal.jpg'\ncv2.imwrite(path, big)\nprint(path)\n"
+)
+"""A typical code block (the README example's shape), run once by a warm child on a synthetic image."""
+
+
+def _rehearse(scratch: str, limits: dict[str, Any]) -> None:
+    """Runs :data:`REHEARSAL` in a throwaway runner, then empties the scratch dir again.
+
+    A forked child shares the zygote's pages until it writes them; the first run of a session writes thousands
+    (reference counts, caches), each a copy-on-write fault. A warm child pays them here, before any session waits
+    on it, and copies only the pages a typical run touches (so most memory stays shared).
+    """
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    from thyme.sandbox.execution import CodeRunner
+    from thyme.sandbox.limits import Limits
+    from thyme.sandbox.repair import RepairConfig
+
+    image = os.path.join(scratch, "rehearsal-input.png")
+    try:
+        cv2.imwrite(image, np.full((1024, 1024, 3), 127, np.uint8))  # buffers of a real photo size
+        CodeRunner(scratch, {image: image}, RepairConfig(), Limits(**limits)).run(REHEARSAL)
+    finally:
+        for name in os.listdir(scratch):
+            path = os.path.join(scratch, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
 
 
 def _close_all_but(keep: set[int]) -> None:

@@ -266,6 +266,25 @@ def test_two_workers_forked_from_one_zygote_share_nothing(small_image: Path) -> 
         second.close()
 
 
+def test_a_warm_forked_worker_hands_over_a_clean_scratch_dir(example: dict) -> None:
+    """Warm workers forked from the zygote rehearse a code block before they are ready; the session they serve
+    must find none of it, and the README example must still give the original's crop."""
+    import cv2
+
+    with Sandbox(timeout=30, pool_size=1, start_method="zygote") as sandbox:
+        if sandbox.start_method != "zygote":
+            pytest.skip("this kernel has no Landlock ABI 6: the Sandbox starts workers with exec")
+        assert sandbox.wait_ready(120)
+        with sandbox.session(image=str(example["image"]), item_id="17127") as session:
+            assert os.listdir(session.scratch_dir) == []
+            result = session.run(example["code"])
+            assert result.ok, result.error
+            assert [Path(image).parent for image in result.images] == [session.scratch_dir]
+            assert os.listdir(session.scratch_dir) == [Path(result.images[0]).name]
+            got, want = cv2.imread(result.images[0]), cv2.imread(str(example["crop"]))
+            assert got.shape == want.shape and (got == want).all()
+
+
 def test_sessions_in_flight_fail_cleanly_when_the_zygote_dies(small_image: Path) -> None:
     with Sandbox(timeout=30, pool_size=0, start_method="zygote") as sandbox:
         if sandbox.start_method != "zygote":
