@@ -60,6 +60,8 @@ class WorkerPool:
                 self._starting += 1
             try:
                 worker: WorkerProcess | None = self._start_worker(warm=True)
+            except SandboxClosed:
+                return  # the Sandbox closed while this worker was being started
             except WorkerError as exc:
                 logger.warning("sandbox pool: starting a warm worker failed, retrying in %.0f s: %s",
                                RETRY_DELAY_S, exc)
