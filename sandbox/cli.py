@@ -80,11 +80,19 @@ def unprinted_images(scratch_dir: Path, printed: list[str]) -> list[str]:
     A model sees a saved image only when its code prints the path (the protocol the weights were trained with), so
     a CLI user trying code out must hear about the others, or a crop seems to vanish.
     """
-    from thyme.sandbox.result import IMAGE_EXTENSIONS
+    from thyme.sandbox.returned import IMAGE_EXTENSIONS
 
-    shown = {os.path.realpath(path) for path in printed}
+    # The returned images are the parent's copies (outside the scratch dir), so a saved file is matched by content.
+    shown = {_digest(Path(path)) for path in printed}
     saved = [path for path in Path(scratch_dir).rglob("*") if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
-    return sorted(str(path) for path in saved if path.is_file() and os.path.realpath(path) not in shown)
+    return sorted(str(path) for path in saved
+                  if path.is_file() and not path.is_symlink() and _digest(path) not in shown)
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _copy_into(paths: list[str], folder: Path) -> list[str]:

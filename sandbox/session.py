@@ -14,7 +14,7 @@ from types import TracebackType
 
 from thyme.sandbox.errors import InvalidInput, SandboxClosed
 from thyme.sandbox.limits import Limits
-from thyme.sandbox.process import ExecutionTimedOut, WorkerDied, WorkerProcess
+from thyme.sandbox.process import ExecutionTimedOut, ProtocolViolation, WorkerDied, WorkerProcess
 from thyme.sandbox.repair import RepairConfig
 from thyme.sandbox.result import ExecutionResult
 from thyme.sandbox.returned import clean_text, collect_images
@@ -41,36 +41,37 @@ class Session:
         item_id (`str`): the id in every error line (``Sandbox for <item_id>: ...``).
     """
 
-    def __init__(self, images: Sequence[str | os.PathLike[str]], item_id: str | None, root: Path, limits: Limits,
-                 repairs: RepairConfig, acquire: Callable[[], WorkerProcess], results_root: Path) -> None:
+    def __init__(self, images: Sequence[str | os.PathLike[str]], item_id: str | None, limits: Limits,
+                 repairs: RepairConfig, acquire: Callable[[], WorkerProcess],
+                 restart: Callable[[Path], WorkerProcess], results_root: Path) -> None:
         originals = [_check_image_path(path) for path in images]
         if not originals:
             raise InvalidInput("a session needs at least one input image: pass image=PATH or images=[...]")
         self.item_id = item_id if item_id is not None else Path(originals[0]).stem
         self._limits = limits
         self._repairs = repairs
-        self._acquire = acquire
+        self._restart = restart
         self._lock = threading.Lock()
+        # The worker comes first: it was started (warm) for its own session dir, the only one it can see.
+        worker = acquire()
         self._closed = False
-        self._dir = Path(tempfile.mkdtemp(prefix="session-", dir=root))
-        self._dir.chmod(0o711)  # our own temp dir: the worker (another uid) may pass through, not list
-        self._inputs = self._copy_inputs(originals)
-        self.input_paths: list[str] = list(self._inputs.values())
+        self._dir = Path(worker.session_dir)
         self.scratch_dir = self._dir / "scratch"
-        self.scratch_dir.mkdir(mode=0o700)
         self.results_dir = Path(tempfile.mkdtemp(prefix="session-", dir=results_root))
         self._runs = 0
         self._worker: WorkerProcess | None = None
         self._input_error: str | None = None
         try:
-            self._start_worker()
+            self._inputs = self._copy_inputs(originals)
+            self.input_paths: list[str] = list(self._inputs.values())
+            self._open(worker)
         except BaseException:
+            worker.kill()
             self.close()
             raise
 
     def _copy_inputs(self, originals: list[str]) -> dict[str, str]:
         inputs_dir = self._dir / "inputs"
-        inputs_dir.mkdir(mode=0o755)
         copies: dict[str, str] = {}
         for index, original in enumerate(originals):
             name = Path(original).name
@@ -80,8 +81,7 @@ class Session:
             copies[original] = str(target)
         return copies
 
-    def _start_worker(self) -> None:
-        worker = self._acquire()
+    def _open(self, worker: WorkerProcess) -> None:
         if os.geteuid() == 0 and worker.uid != 0:
             os.chown(self.scratch_dir, worker.uid, worker.uid)  # the scratch dir belongs to this worker alone
             _hand_over(self.scratch_dir, worker.uid)  # files of a previous (killed) worker of this session
@@ -91,7 +91,7 @@ class Session:
                  "repairs": vars(self._repairs)},
                 OPEN_TIMEOUT_S,
             )
-        except (ExecutionTimedOut, WorkerDied) as exc:
+        except (ExecutionTimedOut, WorkerDied, ProtocolViolation) as exc:
             # Reading the input headers is the only thing `open` does with outside data: a crash or hang here is
             # the input's fault (a malicious file), and is reported on every run instead of raised.
             worker.kill()
@@ -114,7 +114,7 @@ class Session:
                 return self._failed(f"Cannot run code: {self._input_error}.", "")
             lost = ""
             if self._worker is None or not self._worker.alive:
-                self._start_worker()
+                self._open(self._restart(self._dir))
                 lost = " (the previous sandbox process was stopped: variables from earlier code blocks are gone)"
                 if self._input_error is not None:
                     return self._failed(f"Cannot run code: {self._input_error}.", "")
@@ -128,6 +128,10 @@ class Session:
             except WorkerDied as exc:
                 self._worker = None
                 return self._failed(f"Code execution failed: {exc}; variables from earlier code blocks are gone.", "")
+            except ProtocolViolation as exc:
+                self._worker = None
+                return self._failed(f"Code execution failed: {exc}; the sandbox process was stopped and variables "
+                                    "from earlier code blocks are gone.", "")
             # The reply comes from a process the code may control: every field is checked for its type, and text
             # is cleaned so that it can always be encoded (a lone surrogate would break the HTTP server's JSON).
             stdout = clean_text(str(reply.get("stdout", "")))

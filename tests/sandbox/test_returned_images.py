@@ -241,8 +241,9 @@ class _ForgingWorker:
     uid = os.getuid()
     alive = True
 
-    def __init__(self, reply: dict) -> None:
+    def __init__(self, reply: dict, session_dir: Path) -> None:
         self.reply = reply
+        self.session_dir = session_dir
 
     def request(self, message: dict, timeout_s: float) -> dict:
         return {} if message["op"] == "open" else self.reply
@@ -259,10 +260,12 @@ class _ForgingWorker:
 ])  # fmt: skip
 def test_malformed_reply_fields_never_make_run_raise(small_image: Path, tmp_path: Path, reply: dict) -> None:
     from thyme.sandbox import Limits, RepairConfig
+    from thyme.sandbox.local import new_session_dir
 
     work = tmp_path / "work"
     work.mkdir()
-    with Session([str(small_image)], "forged", work, Limits(), RepairConfig(), lambda: _ForgingWorker(reply),
+    worker = _ForgingWorker(reply, new_session_dir(work))
+    with Session([str(small_image)], "forged", Limits(), RepairConfig(), lambda: worker, lambda _dir: worker,
                  tmp_path) as session:  # fmt: skip
         result = session.run("print(1)")
     assert result.images == []

@@ -298,20 +298,23 @@ def test_import_sandbox_does_not_import_torch() -> None:
 
 
 def test_worker_dying_while_reading_the_input_is_an_input_error(small_image: Path, tmp_path: Path) -> None:
+    from thyme.sandbox.isolation import Isolation
+    from thyme.sandbox.local import new_session_dir
     from thyme.sandbox.process import WorkerProcess
     from thyme.sandbox.session import Session
 
     root = Path(tempfile.mkdtemp(prefix="thyme-test-"))
     root.chmod(0o711)
 
-    def dying_worker() -> WorkerProcess:  # stands for a malicious input that crashes the image decoder
-        worker = WorkerProcess(Limits(), str(root))
+    def dying_worker(session_dir: Path | None = None) -> WorkerProcess:  # a malicious input crashing the decoder
+        worker = WorkerProcess(Limits(), str(session_dir or new_session_dir(root)), Isolation())
         os.kill(worker.pid, signal.SIGKILL)
         worker.process.wait()
         return worker
 
     try:
-        with Session([str(small_image)], "bad", root, Limits(), RepairConfig(), dying_worker, tmp_path) as session:
+        with Session([str(small_image)], "bad", Limits(), RepairConfig(), dying_worker, dying_worker,
+                     tmp_path) as session:
             result = session.run("print(1)")
             assert result.error.startswith("Sandbox for bad: Cannot run code: reading the input image(s) stopped "
                                            "the sandbox process (the sandbox process stopped with SIGKILL")
