@@ -80,7 +80,8 @@ class Sandbox:
     def __init__(self, timeout: float | None = None, *, limits: Limits | None = None,
                  repairs: RepairConfig | None = None, pool_size: int = DEFAULT_POOL_SIZE,
                  work_dir: ImagePath | None = None, start_method: str = "exec", isolation: Isolation | None = None,
-                 url: str | Sequence[str] | None = None, token: str | None = None, _language_layer: bool = True) -> None:
+                 url: str | Sequence[str] | None = None, token: str | None = None,
+                 _language_layer: bool = True) -> None:
         # `_language_layer=False` (plain exec, real builtins) is for the layer-ablation tests only (ablation.py).
         limits = limits or Limits()
         if timeout is not None:
