@@ -187,3 +187,20 @@ def test_trainer_lora_step_moves_only_the_adapter(make_trainer):
     after = dict(trainer.model.named_parameters())
     changed = {name for name, value in before.items() if not torch.equal(value, after[name])}
     assert changed and all("lora_" in name for name in changed)
+
+
+def test_trainer_reported_logprobs_are_the_losss_at_every_trained_position(trained):
+    """Rollout and loss forward agree on every trained token, those after the sandbox image included: the loss
+    forward sees the crop's own pixels (a blank image of the same size would change every later log-prob)."""
+    trainer, seen, _, _ = trained
+    inputs = seen[0]
+    reported, loss_logps = inputs["sampling_per_token_logps"], inputs["loss_logps"]
+    pad_id = trainer.processing_class.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for row in range(2):
+        trained_positions = (inputs["completion_mask"][row] * inputs["tool_mask"][row]).bool()
+        scored = trained_positions & ~torch.isnan(reported[row])  # the appended end of turn was not sampled
+        after_image = torch.arange(scored.numel()) > int((inputs["completion_ids"][row] == pad_id).nonzero().max())
+        assert (scored & after_image).sum() > 20, "the answer after the sandbox image must be compared"
+        assert scored.sum() >= trained_positions.sum() - 1
+        got, want = reported[row, scored], loss_logps[row, scored]
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
