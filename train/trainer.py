@@ -243,8 +243,9 @@ class ThymeGRPOTrainer(QwenVLResumeMixin, GRPOTrainer):
             rows = self._fresh_rows(wanted, refills)
         if have < wanted:
             kept.append({key: value[: (wanted - have) * generations] for key, value in spare[0].items()})
-        self._log_metric("thyme/dynamic_sampling_refills", float(refills))
-        self._log_metric("thyme/dynamic_sampling_unfilled", (wanted - have) / wanted)
+        # Into this step's metrics directly (TRL's log_metric would flush them with the next generation batch).
+        self._metrics["train"]["thyme/dynamic_sampling_refills"].append(float(refills))
+        self._metrics["train"]["thyme/dynamic_sampling_unfilled"].append((wanted - have) / wanted)
         tokenizer = self.processing_class.tokenizer
         image_token = tokenizer.convert_tokens_to_ids(self.processing_class.image_token)
         joined = join_batches(kept, tokenizer.pad_token_id, image_token)
