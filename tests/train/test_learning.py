@@ -140,12 +140,13 @@ _TOKENIZER: dict = {}
 
 def test_grpo_with_the_policy_sampling_raises_a_reachable_reward(tiny_model_dir, tmp_path, sandbox):
     trainer = _trainer(tiny_model_dir, tmp_path, sandbox, script=None, reward_funcs=[tokens_with_a_space_reward],
-                       per_device_train_batch_size=8, num_generations=8, max_steps=6, learning_rate=3e-2,
-                       max_generation_calls=2, max_new_tokens_per_call=4, max_completion_length=8)  # fmt: skip
+                       per_device_train_batch_size=8, num_generations=8, max_steps=8, learning_rate=1e-2,
+                       max_generation_calls=2, max_new_tokens_per_call=4, max_completion_length=8,
+                       sandbox_workers=1)  # fmt: skip
     trainer.train()
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     print(f"reward per step: {[round(r, 3) for r in rewards]}")
-    assert len(rewards) == 6
+    assert len(rewards) == 8
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2
 
 
