@@ -5,8 +5,8 @@ through the Thyme loop and learns a reward it can reach, the share of its tokens
     thyme tiny-model /tmp/thyme-tiny-model
     python train/examples/tiny_learning_curve.py --model /tmp/thyme-tiny-model --out docs/tiny_rl_reward.png
 
-It prints the mean reward of every step and draws them (docs/train.md shows the result). The same run, shorter, is
-``tests/train/test_learning.py::test_grpo_with_the_policy_sampling_raises_a_reachable_reward``.
+It prints the mean reward of every step and draws them (docs/train.md shows the result). A shorter run is
+``tests/train/test_learning.py::test_grpo_with_the_policy_sampling_raises_a_reachable_reward`` (with lr 1e-2).
 """
 
 from __future__ import annotations
