@@ -163,3 +163,22 @@ def test_greedy_code_tokens_inside_a_code_span_report_temperature_1_logprobs(tin
     got = torch.tensor(generation.logprobs)
     assert got.max() < -0.5, "greedy code tokens reported as log 1"
     assert torch.allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("answered", "truncated", "end"), [(True, False, [1]), (False, False, [0]), (False, True, [])]
+)
+def test_finish_ends_untruncated_trajectories_with_the_end_of_turn(tiny, readme_image, answered, truncated, end):
+    """TRL's mask_truncated_completions takes a completion without <|im_end|> for a truncated one: an answer ends with
+    a trained <|im_end|>, an ending the loop chose (a malformed code block) with one outside the loss, and a truncated
+    trajectory with none, so that only it is masked."""
+    from thyme.backends.scripted import ScriptedBackend
+
+    model, processor = tiny
+    script = ScriptedBackend(["<think>short</think> <answer>C</answer>"])
+    backend = PolicyBackend(model, processor, lock=threading.Lock(), script=script)
+    backend.generate(_messages(readme_image), stop=["</answer>"], sampling=SamplingParams())
+    length = len(backend.tokens.completion_ids)
+    tokens = backend.finish(answered=answered, truncated=truncated)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokens.completion_ids[length:] == [eos] * len(end) and tokens.tool_mask[length:] == end
