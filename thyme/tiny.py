@@ -237,10 +237,19 @@ def build_tiny_image_processor(patch_size: int = 14):  # -> Qwen2VLImageProcesso
 
 
 def _training_corpus() -> list[str]:
-    """Thyme text shipped in the package: the system prompt and the README trajectory, plus digits and words."""
+    """Thyme text shipped in the package: the system prompt and the README trajectory, plus digits and words.
+
+    The trajectory is also given as one assistant message with its sandbox output, as SFT data and inference
+    render it, so the tokenizer learns the merges the real Qwen2 tokenizer has where a stop string meets what
+    follows it (``>\n`` after ``<code>``, ``><`` in ``</code><sandbox_output>``, ``</``): tests of the trainer's
+    stop boundaries need tokens that run past a stop string.
+    """
     data = resources.files("thyme") / "data"
     example = json.loads((data / "examples" / "readme_17127.json").read_text(encoding="utf-8"))
     texts = [(data / "system_prompt.txt").read_text(encoding="utf-8"), example["question"], example["code"]]
     texts += list(example["segments"])
     texts.append(" ".join(str(number) for number in range(2000)))
-    return texts * 4
+    first, *rest = example["segments"]
+    output = "<sandbox_output>/mnt/data/temp_processed_images/17127_crop.jpg</sandbox_output>"
+    response = first + output + "".join(rest)
+    return texts * 4 + [response] * 8

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peft import PeftModel
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from thyme.errors import ConfigError, ThymeError
+from thyme.train.checkpoint import QwenVLResumeMixin
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -270,31 +270,9 @@ def peft_config_for(config: ThymeSFTConfig, model_config: ModelConfig) -> PeftCo
     return peft_config
 
 
-def _full_model_checkpoint(folder: str) -> bool:
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-
-    return any((Path(folder) / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
-
-
-class ThymeSFTTrainer(SFTTrainer):
-    """TRL's ``SFTTrainer`` with checkpoint resume fixed for Qwen-VL models; nothing else is overridden.
-
-    transformers saves Qwen2.5-VL checkpoints in the original key layout (``model.layers.*``, ``visual.*``) but
-    ``Trainer._load_from_checkpoint`` loads them with a plain ``load_state_dict`` into the renamed modules
-    (``model.language_model.*``, ``model.visual.*``): every key misses, a warning is logged, and training "resumes"
-    from the un-restored weights (huggingface/transformers#43701, open for transformers 5.24). The override loads
-    full-model checkpoints through ``from_pretrained``, which applies the key conversion; LoRA adapters, DeepSpeed and
-    FSDP checkpoints keep the stock path (they are not affected).
-    """
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        model = self.model if model is None else model
-        if isinstance(model, PeftModel) or not _full_model_checkpoint(resume_from_checkpoint):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            return
-        logger.info("loading model weights from %s (with the checkpoint key conversion)", resume_from_checkpoint)
-        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
-        model.load_state_dict(saved.state_dict(), strict=True)
+class ThymeSFTTrainer(QwenVLResumeMixin, SFTTrainer):
+    """TRL's ``SFTTrainer`` with checkpoint resume fixed for Qwen-VL models (:mod:`thyme.train.checkpoint`, shared
+    with the RL trainer); nothing else is overridden."""
 
 
 def train(config: ThymeSFTConfig, model_config: ModelConfig) -> Path:
