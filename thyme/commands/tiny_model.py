@@ -22,6 +22,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model-type", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl", help="architecture (qwen2_5_vl)"
     )
+    parser.add_argument(
+        "--head-dim",
+        type=int,
+        choices=(16, 64),
+        default=16,
+        help="attention head size (16); 64 builds the variant vLLM's CPU attention accepts (text hidden 128)",
+    )
     parser.set_defaults(handler=run_tiny_model)
 
 
@@ -29,7 +36,10 @@ def run_tiny_model(args: argparse.Namespace) -> int:
     """Builds the checkpoint and prints where it is and how to use it."""
     from thyme.tiny import build_tiny_model
 
-    path = build_tiny_model(args.output_dir, seed=args.seed, overwrite=args.overwrite, model_type=args.model_type)
-    print(f"tiny {args.model_type} model written to {path}")
-    print(f"try: thyme answer IMAGE QUESTION --model {path}")
+    path = build_tiny_model(
+        args.output_dir, seed=args.seed, overwrite=args.overwrite, model_type=args.model_type, head_dim=args.head_dim
+    )
+    print(f"tiny {args.model_type} model written to {path} (head_dim {args.head_dim})")
+    engine = " --engine vllm" if args.head_dim == 64 else ""
+    print(f"try: thyme answer IMAGE QUESTION --model {path}{engine}")
     return 0
