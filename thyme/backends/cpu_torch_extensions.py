@@ -13,8 +13,11 @@ What this module does, only for a package whose extension really fails to load:
   image processors use) then work; the C++ operators stay unavailable, and nothing on the image path calls them.
 - torchaudio, torchcodec: marks them absent (``sys.modules[name] = None``). transformers and vLLM then take their
   "not installed" path, which is right: Thyme sends no audio or video.
-- Puts :mod:`thyme.backends._spawn_site` on ``PYTHONPATH``: vLLM starts its engine processes with ``spawn`` on CPU,
-  and a fresh interpreter would fail the same imports; that directory's ``sitecustomize`` applies this repair there.
+- A vLLM server (``python -m vllm.entrypoints.openai.api_server``) starts its engine processes with ``spawn`` on
+  CPU, and each fresh interpreter fails the same imports: start it with :data:`SPAWN_SITE_DIR` on ``PYTHONPATH``,
+  whose ``sitecustomize`` applies this repair in every process. It is not set globally, because every Python
+  child (sandbox workers included) would then import torch at start. The in-process engine
+  (:mod:`thyme.backends.vllm_engine`) spawns nothing on CPU.
 
 On a GPU machine (``pip install vllm``, a matching CUDA torchvision) every extension loads and this does nothing.
 Importing this module applies the repair, so the modules that import transformers' processors import it first
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -68,8 +70,6 @@ def repair_cpu_torch_extensions() -> list[str]:
             repaired.append(name)
     if repaired:
         logger.info("CUDA builds of %s beside a CPU torch: repaired for import", ", ".join(repaired))
-        paths = [str(SPAWN_SITE_DIR), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-        os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     _repaired = repaired
     return repaired
 

@@ -24,7 +24,7 @@ from huggingface_hub.errors import HFValidationError
 from transformers import AutoConfig, AutoModelForImageTextToText, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from thyme.backends.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingParams
-from thyme.backends.prefix_cache import PrefixCache
+from thyme.backends.prefix_cache import CACHE_FIELD, PrefixCache
 from thyme.backends.processor import load_processor, prompt_and_images, render_chat
 from thyme.errors import ConfigError, ModelNotFoundError
 
@@ -159,7 +159,7 @@ class TransformersBackend:
             output_logits=True,
         )
         if self.prefix_cache:
-            self.prefix_cache.remember(inputs, output.sequences, output.cache)
+            self.prefix_cache.remember(inputs, output.sequences, getattr(output, CACHE_FIELD))
         new_ids = output.sequences[0, prompt_length:].tolist()
         logits = torch.stack(output.logits, dim=1)[0].float()  # (new tokens, vocab), raw scores of each step
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new_ids, device=logits.device)[:, None])
