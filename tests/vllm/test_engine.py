@@ -157,3 +157,16 @@ def test_thyme_eval_runs_rows_concurrently_into_the_engine(shared_engine, vllm_m
     # Rows ran in the harness's worker threads (16 by default with --engine vllm), not one after another.
     assert {name.split("_")[0] for name, _, _ in shared_engine.calls} == {"thyme-eval"}
     assert json.loads((tmp_path / "out" / "results.json").read_text())["backend"] == "vllm"
+
+
+def test_thyme_demo_loads_the_vllm_engine(shared_engine, vllm_model_dir: Path) -> None:
+    import argparse
+
+    from thyme.ui import cli as demo_cli
+
+    parser = argparse.ArgumentParser(prog="thyme")
+    demo_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["demo", "--model", str(vllm_model_dir), "--engine", "vllm"])
+    assert demo_cli._build_backend(args) is shared_engine
+    assert shared_engine.loaded == [(str(vllm_model_dir), {"dtype": "auto"})]  # no transformers-only --device
+    assert demo_cli._description(args, Path("unused.json")) == f"Model `{vllm_model_dir}` (vllm)."
