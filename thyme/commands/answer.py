@@ -17,6 +17,7 @@ from thyme.commands.options import (
     add_model_arguments,
     agent_config_from_args,
     check_model_name,
+    load_model_backend,
     with_model_pixel_limits,
 )
 
@@ -72,7 +73,7 @@ def _build_backend(args: argparse.Namespace) -> Any:
         return BACKENDS["scripted"](args.scripted)
     if args.endpoint:
         return BACKENDS["openai"](args.endpoint, model=args.model_name)
-    return None  # --model: ThymeAgent.from_pretrained builds the transformers backend
+    return load_model_backend(args)
 
 
 def replay_note(script: Path, image: Path) -> str:
@@ -242,12 +243,9 @@ def run_answer(args: argparse.Namespace) -> int:
     images, question = split_inputs(args)  # before any model is loaded
     with tempfile.TemporaryDirectory(prefix="thyme-answer-") as scratch:
         config = agent_config_from_args(args, images_dir=args.save_dir or Path(scratch))
-        backend = _build_backend(args)
-        if backend is None:
-            agent = ThymeAgent.from_pretrained(args.model, config=config, dtype=args.dtype, device=args.device)
+        agent = ThymeAgent(_build_backend(args), config=config)
+        if args.model:
             agent.config = with_model_pixel_limits(config, args, agent.backend)
-        else:
-            agent = ThymeAgent(backend, config=config)
         if not args.scripted:
             agent.backend = _ProgressBackend(agent.backend, sys.stderr)
         out = BlankLineSqueezer(sys.stdout)

@@ -24,6 +24,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model-type", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl", help="architecture (qwen2_5_vl)"
     )
+    parser.add_argument(
+        "--head-dim",
+        type=int,
+        choices=(16, 64),
+        default=16,
+        help="attention head size (16); 64 builds the variant vLLM's CPU attention accepts (text hidden 128)",
+    )
     parser.set_defaults(handler=run_tiny_model)
 
 
@@ -31,14 +38,20 @@ def run_tiny_model(args: argparse.Namespace) -> int:
     """Builds the checkpoint and prints where it is and how to use it."""
     from thyme.tiny import build_tiny_model, is_same_tiny_model
 
-    kept = not args.overwrite and is_same_tiny_model(args.output_dir, seed=args.seed, model_type=args.model_type)
-    path = build_tiny_model(args.output_dir, seed=args.seed, overwrite=args.overwrite, model_type=args.model_type)
+    engine = " --engine vllm" if args.head_dim == 64 else ""
+    kept = not args.overwrite and is_same_tiny_model(
+        args.output_dir, seed=args.seed, model_type=args.model_type, head_dim=args.head_dim
+    )
+    path = build_tiny_model(
+        args.output_dir, seed=args.seed, overwrite=args.overwrite, model_type=args.model_type, head_dim=args.head_dim
+    )
     if kept:
-        print(f"{path} already holds the tiny {args.model_type} model (seed {args.seed}): kept as it is")
+        print(f"{path} already holds the tiny {args.model_type} model (seed {args.seed}, head_dim {args.head_dim}): "
+              "kept")
     else:
-        print(f"tiny {args.model_type} model written to {path}")
+        print(f"tiny {args.model_type} model written to {path} (head_dim {args.head_dim})")
     print(
-        f"try: thyme answer thyme/data/examples/17127.jpg 'What is the plate number?' --model {path} "
+        f"try: thyme answer thyme/data/examples/17127.jpg 'What is the plate number?' --model {path}{engine} "
         "--max-new-tokens 32   (its answers are noise; the run shows the loop's calls, tokens and stop reason)"
     )
     return 0
