@@ -119,6 +119,7 @@ class Sandbox:
         except OSError:  # a work_dir whose parent is not ours to write
             self._results_root = Path(tempfile.mkdtemp(prefix="thyme-results-")).resolve()
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._sessions_lock = threading.Lock()  # a WeakSet cannot be listed while another thread adds to it
         self._kept_dirs: list[Path] = []
         self._closed = False
         self._pool = WorkerPool(self._start_worker, pool_size)
@@ -170,7 +171,8 @@ class Sandbox:
         paths = [image] if image is not None else list(images or [])
         session = Session(paths, item_id, self.limits, self.repairs, self._pool.acquire, self._start_worker,
                           self._results_root)
-        self._sessions.add(session)
+        with self._sessions_lock:
+            self._sessions.add(session)
         return session
 
     def run(self, code: str, image: ImagePath | None = None, *, images: Sequence[ImagePath] | None = None,
@@ -184,6 +186,18 @@ class Sandbox:
             session.close(keep_files=True)
             self._kept_dirs.extend(session.directories)
 
+    def workers_alive(self) -> int:
+        """Counts the live workers of this Sandbox: the pool's idle ones and those held by open sessions.
+
+        Asked of the Sandbox rather than read from the process table, because forked workers are the zygote's
+        children, not this process's, and a worker that died under its session is seen here as dead too.
+        """
+        if self._closed:
+            return 0
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        return self._pool.idle_alive() + sum(session.worker_alive for session in sessions)
+
     def wait_ready(self, timeout_s: float = 120.0) -> bool:
         """Blocks until the warm workers are started; returns whether they are."""
         return self._pool.wait_ready(timeout_s)
@@ -193,7 +207,9 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
-        for session in list(self._sessions):
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        for session in sessions:
             session.close()
         for directory in self._kept_dirs:
             shutil.rmtree(directory, ignore_errors=True)

@@ -349,3 +349,28 @@ def test_every_allowed_import_works(sandbox: Sandbox, small_image: Path) -> None
     result = sandbox.run(code, image=str(small_image))
     assert result.ok, result.error
     assert result.stdout == "imported\n"
+
+
+@pytest.mark.parametrize("start_method", ["exec", "zygote"])
+def test_workers_alive_counts_idle_and_session_workers(start_method: str, small_image: Path) -> None:
+    """The count the server reports: warm workers and those held by sessions, not dead ones, whichever way they
+    were started (forked workers are the zygote's children, not this process's)."""
+    with Sandbox(timeout=30, pool_size=1, start_method=start_method) as sandbox:
+        if sandbox.start_method != start_method:
+            pytest.skip("this kernel has no Landlock ABI 6: the Sandbox starts workers with exec")
+        assert sandbox.wait_ready(120)
+        assert sandbox.workers_alive() == 1
+        session = sandbox.session(image=str(small_image))
+        assert session.run("x = 1").ok
+        assert sandbox.wait_ready(120)  # the pool started a warm worker behind the taken one
+        assert sandbox.workers_alive() == 2
+        os.kill(session._worker.pid, signal.SIGKILL)  # dies under its session; nobody has been told yet
+        deadline = time.monotonic() + 30
+        while session._worker.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sandbox.workers_alive() == 1
+        assert session.run("print(2)").stdout == "2\n"  # the session gets a new worker
+        assert sandbox.workers_alive() == 2
+        session.close()
+        assert sandbox.workers_alive() == 1
+    assert sandbox.workers_alive() == 0
