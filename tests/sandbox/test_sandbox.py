@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 import thyme.sandbox
-from thyme.sandbox import InvalidInput, Limits, RepairConfig, Sandbox, SandboxClosed
+from thyme.sandbox import InvalidInput, Limits, RepairConfig, Sandbox, SandboxClosed, landlock
+from thyme.sandbox.isolation import Isolation
 
 LEGIT = {
     "cv2_crop_zoom": ("import cv2\nimg = cv2.imread(image_path)\ncrop = img[0:64, 90:154]\n"
@@ -374,3 +376,27 @@ def test_workers_alive_counts_idle_and_session_workers(start_method: str, small_
         session.close()
         assert sandbox.workers_alive() == 1
     assert sandbox.workers_alive() == 0
+
+
+def test_default_start_method_is_the_zygote_where_landlock_keeps_workers_apart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with Sandbox(pool_size=0) as sb:
+        assert sb.start_method == ("zygote" if landlock.abi_version() >= 6 else "exec")
+    with Sandbox(pool_size=0, start_method="exec") as sb:
+        assert sb.start_method == "exec"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="thyme.sandbox.local"):
+        with Sandbox(pool_size=0, isolation=Isolation(landlock=False)) as sb:
+            assert sb.start_method == "exec"  # the default falls back without a warning: exec is as safe
+        said = [r for r in caplog.records if "with exec" in r.getMessage()]  # not the isolation report
+        assert [r.levelno for r in said] == [logging.INFO]
+        assert "Landlock is switched off" in said[0].getMessage()
+        caplog.clear()
+        with Sandbox(pool_size=0, start_method="zygote", isolation=Isolation(landlock=False)) as sb:
+            assert sb.start_method == "exec"  # asked for by name: told it did not get it
+        said = [r for r in caplog.records if "with exec" in r.getMessage()]
+        assert [r.levelno for r in said] == [logging.WARNING]
+        assert "start_method='zygote' needs Landlock ABI 6+" in said[0].getMessage()
+    with pytest.raises(InvalidInput, match=r"start_method \('fork'\) must be 'zygote', 'exec' or None"):
+        Sandbox(pool_size=0, start_method="fork")
