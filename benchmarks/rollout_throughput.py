@@ -8,6 +8,7 @@ the model (model calls are serialised by a lock, as in the trainer).
 
     python benchmarks/rollout_throughput.py                   # batch 8, workers 1 and 4
     python benchmarks/rollout_throughput.py --batch 16 --workers 1 2 4 8 --model-dir /tmp/tiny
+    python benchmarks/rollout_throughput.py --start-method exec zygote  # the two ways to start workers, one run
 
 Prints one line per worker count (fastest of ``--repeats`` runs): wall seconds, trajectories/s, sandbox-wait share
 (sandbox time / rollout time, summed over rollouts) and the speed-up over the first worker count. Needs no GPU and
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None, help="tiny model folder (built there if missing)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--repeats", type=int, default=3, help="runs per worker count; the fastest is reported")
+    parser.add_argument("--start-method", nargs="+", default=[None], choices=["exec", "zygote"],
+                        help="sandbox start methods to compare, one after the other (default: the Sandbox's default)")
     args = parser.parse_args()
 
     import torch
@@ -86,21 +89,24 @@ def main() -> None:
     import json
 
     question = json.loads(script.read_text(encoding="utf-8"))["question"]
-    # As the trainer does: as many warm workers as concurrent rollouts, so no session waits for a worker to start.
-    with Sandbox(timeout=30, pool_size=max(args.workers)) as sandbox:
-        _run(2, 2, model, processor, sandbox, script, image, question)  # warm-up: workers started, caches filled
-        baseline = None
-        print(f"batch {args.batch} scripted README rollouts, tiny Qwen2.5-VL, torch threads {args.threads}")
-        for workers in args.workers:
-            runs = [_run(args.batch, workers, model, processor, sandbox, script, image, question)
-                    for _ in range(args.repeats)]  # fmt: skip
-            wall, share = min(runs)  # the least disturbed run: other processes share the CPU
-            baseline = baseline or wall
-            print(
-                f"workers {workers:2d}: {wall:6.2f} s  {args.batch / wall:6.2f} trajectories/s  "
-                f"sandbox-wait share {share:5.1%}  speed-up x{baseline / wall:.2f}"
-            )
-
+    print(f"batch {args.batch} scripted README rollouts, tiny Qwen2.5-VL, torch threads {args.threads}")
+    for method in args.start_method:
+        options = {"start_method": method} if method else {}
+        # As the trainer does: as many warm workers as concurrent rollouts, so no session waits for a worker to start.
+        with Sandbox(timeout=30, pool_size=max(args.workers), **options) as sandbox:
+            _run(2, 2, model, processor, sandbox, script, image, question)  # warm-up: workers started, caches filled
+            sandbox.wait_ready()
+            baseline = None
+            for workers in args.workers:
+                runs = [_run(args.batch, workers, model, processor, sandbox, script, image, question)
+                        for _ in range(args.repeats)]  # fmt: skip
+                wall, share = min(runs)  # the least disturbed run: other processes share the CPU
+                baseline = baseline or wall
+                print(
+                    f"{sandbox.start_method:6s} workers {workers:2d}: {wall:6.2f} s  "
+                    f"{args.batch / wall:6.2f} trajectories/s  sandbox-wait share {share:5.1%}  "
+                    f"speed-up x{baseline / wall:.2f}"
+                )
 
 if __name__ == "__main__":
     main()

@@ -44,9 +44,10 @@ class Sandbox:
         repairs (`RepairConfig`, *optional*): which source repairs run (defaults: all the weights expect).
         pool_size (`int`, defaults to `2`): warm workers kept ready.
         work_dir (`str` or `os.PathLike`, *optional*): where session dirs are made (default: a new temp dir).
-        start_method (`str`, defaults to `"exec"`): ``"exec"`` starts each worker as a new interpreter inside its
-            own bubblewrap (~0.5-1 s of CPU each, in the background); ``"zygote"`` forks workers from one warm process
-            in milliseconds, sharing the libraries' memory (needs Landlock ABI 6+, else it falls back to exec).
+        start_method (`str`, *optional*): ``"zygote"`` forks workers from one warm process in milliseconds,
+            sharing the libraries' memory; ``"exec"`` starts each worker as a new interpreter inside its own
+            bubblewrap (~0.5-1 s of CPU each, in the background). Default: ``"zygote"`` where the kernel has
+            Landlock ABI 6+ (which keeps forked siblings apart), else ``"exec"``; ``start_method`` says which.
         isolation (`Isolation`, *optional*): which OS layers wrap the workers, and ``strict`` to refuse running
             without bubblewrap's namespaces (default: all layers, strict when ``THYME_SANDBOX_STRICT=1``).
         url (`str` or `list[str]`, *optional*): use a remote sandbox server instead, or several, which share the
@@ -79,7 +80,8 @@ class Sandbox:
 
     def __init__(self, timeout: float | None = None, *, limits: Limits | None = None,
                  repairs: RepairConfig | None = None, pool_size: int = DEFAULT_POOL_SIZE,
-                 work_dir: ImagePath | None = None, start_method: str = "exec", isolation: Isolation | None = None,
+                 work_dir: ImagePath | None = None, start_method: str | None = None,
+                 isolation: Isolation | None = None,
                  url: str | Sequence[str] | None = None, token: str | None = None,
                  _language_layer: bool = True) -> None:
         # `_language_layer=False` (plain exec, real builtins) is for the layer-ablation tests only (ablation.py).
@@ -95,13 +97,7 @@ class Sandbox:
                            "seccomp, uid and rlimits still apply); see Sandbox.isolation and docs/sandbox.md",
                            weak_reason)
         self._language_layer = _language_layer
-        if start_method not in ("exec", "zygote"):
-            raise InvalidInput(f"start_method ({start_method!r}) must be 'exec' or 'zygote'")
-        if start_method == "zygote" and not (self._isolation.landlock and landlock.abi_version() >= 6):
-            logger.warning("sandbox: start_method='zygote' needs Landlock ABI 6+ to keep forked workers apart; "
-                           "starting each worker with exec instead")
-            start_method = "exec"
-        self.start_method = start_method
+        self.start_method = _resolve_start_method(start_method, self._isolation)
         self._zygote: Zygote | None = None
         self._zygote_lock = threading.Lock()
         self.limits = limits
@@ -119,6 +115,7 @@ class Sandbox:
         except OSError:  # a work_dir whose parent is not ours to write
             self._results_root = Path(tempfile.mkdtemp(prefix="thyme-results-")).resolve()
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._sessions_lock = threading.Lock()  # a WeakSet cannot be listed while another thread adds to it
         self._kept_dirs: list[Path] = []
         self._closed = False
         self._pool = WorkerPool(self._start_worker, pool_size)
@@ -170,7 +167,8 @@ class Sandbox:
         paths = [image] if image is not None else list(images or [])
         session = Session(paths, item_id, self.limits, self.repairs, self._pool.acquire, self._start_worker,
                           self._results_root)
-        self._sessions.add(session)
+        with self._sessions_lock:
+            self._sessions.add(session)
         return session
 
     def run(self, code: str, image: ImagePath | None = None, *, images: Sequence[ImagePath] | None = None,
@@ -184,6 +182,18 @@ class Sandbox:
             session.close(keep_files=True)
             self._kept_dirs.extend(session.directories)
 
+    def workers_alive(self) -> int:
+        """Counts the live workers of this Sandbox: the pool's idle ones and those held by open sessions.
+
+        Asked of the Sandbox rather than read from the process table, because forked workers are the zygote's
+        children, not this process's, and a worker that died under its session is seen here as dead too.
+        """
+        if self._closed:
+            return 0
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        return self._pool.idle_alive() + sum(session.worker_alive for session in sessions)
+
     def wait_ready(self, timeout_s: float = 120.0) -> bool:
         """Blocks until the warm workers are started; returns whether they are."""
         return self._pool.wait_ready(timeout_s)
@@ -193,7 +203,9 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
-        for session in list(self._sessions):
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        for session in sessions:
             session.close()
         for directory in self._kept_dirs:
             shutil.rmtree(directory, ignore_errors=True)
@@ -216,6 +228,30 @@ class Sandbox:
         if not getattr(self, "_closed", True):
             logger.warning("Sandbox was not closed; closing it now (use `with Sandbox() as sb:` or sb.close())")
             self.close()
+
+
+def _resolve_start_method(requested: str | None, isolation: Isolation) -> str:
+    """The start method a Sandbox uses: the one asked for, or the zygote where it can keep workers apart.
+
+    Forked siblings share the zygote's view of the work dir; only Landlock ABI 6+ (on in ``isolation``) confines
+    each to its own session dir and scopes its signals. Without it the default quietly becomes exec (both are
+    safe; exec is only slower to start), while an explicit ``"zygote"`` is told it did not get one.
+    """
+    if requested not in (None, "exec", "zygote"):
+        raise InvalidInput(f"start_method ({requested!r}) must be 'zygote', 'exec' or None (the zygote where the "
+                           "kernel allows it)")
+    if requested == "exec":
+        return "exec"
+    if isolation.landlock and landlock.abi_version() >= 6:
+        return "zygote"
+    reason = ("Landlock is switched off (Isolation(landlock=False))" if not isolation.landlock
+              else f"this kernel's Landlock ABI is {landlock.abi_version()}")
+    if requested == "zygote":
+        logger.warning("sandbox: start_method='zygote' needs Landlock ABI 6+ to keep forked workers apart and %s; "
+                       "starting each worker with exec instead", reason)
+    else:
+        logger.info("sandbox: starting workers with exec, not the zygote: it needs Landlock ABI 6+ and %s", reason)
+    return "exec"
 
 
 def new_session_dir(root: Path) -> Path:

@@ -77,6 +77,11 @@ class WorkerPool:
             if worker is not None:
                 discard(worker)
 
+    def idle_alive(self) -> int:
+        """How many idle workers are alive now (one may have died since it was started)."""
+        with self._condition:
+            return sum(worker.alive for worker in self._idle)
+
     def wait_ready(self, timeout_s: float) -> bool:
         """Blocks until the pool holds ``size`` idle workers (benchmarks, tests); returns whether it does."""
         with self._condition:

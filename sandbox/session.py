@@ -154,6 +154,12 @@ class Session:
                 return self._failed(problem, stdout, repairs)
             return ExecutionResult(ok=True, stdout=stdout, images=images, repairs=repairs)
 
+    @property
+    def worker_alive(self) -> bool:
+        """Whether this session holds a live worker now (its next run restarts one if not)."""
+        worker = self._worker
+        return worker is not None and worker.alive
+
     def _failed(self, message: str, stdout: str, repairs: list[str] | None = None) -> ExecutionResult:
         error = f"Sandbox for {self.item_id}: {message}"
         logger.debug("%s", error)

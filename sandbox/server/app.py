@@ -43,7 +43,7 @@ from .errors import RequestRejected, ServerError, Unauthorized
 from .guard import BrowserGuard, allowed_host_names
 from .inputs import resolve_server_path, save_uploads
 from .limits import BodySizeLimit, deadline_protocol
-from .metrics import ServerMetrics, count_workers_alive
+from .metrics import ServerMetrics, workers_alive
 from .sessions import SandboxLike, SessionRegistry
 
 logger = logging.getLogger(__name__)
@@ -214,13 +214,13 @@ def _add_routes(app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> N
     @app.get("/healthz", tags=["service"])
     async def healthz(request: Request) -> dict[str, Any]:
         return {"status": "ok", "sessions_open": len(registry(request)), "max_sessions": config.max_sessions,
-                "workers_alive": count_workers_alive()}  # fmt: skip
+                "workers_alive": workers_alive(request.app.state.sandbox)}  # fmt: skip
 
     @app.get("/metrics", tags=["service"], dependencies=auth)
     async def metrics_endpoint(request: Request) -> dict[str, Any]:
         snapshot = metrics.snapshot()
         snapshot.update(sessions_open=len(registry(request)), max_sessions=config.max_sessions,
-                        workers_alive=count_workers_alive())  # fmt: skip
+                        workers_alive=workers_alive(request.app.state.sandbox))  # fmt: skip
         return snapshot
 
     @app.post(f"{API_PREFIX}/sessions", status_code=201, tags=["sessions"], dependencies=auth)

@@ -2,7 +2,7 @@
 
 Written by hand rather than with ``prometheus_client``: the server needs a handful of numbers, and one more
 dependency for them would be heavier than the class below. The snapshot is JSON, easy to read from a rollout
-driver. Process figures (RSS, live workers) come from psutil.
+driver. The resident memory comes from psutil; the live workers from the Sandbox.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import time
 
 LATENCY_WINDOW = 2048  # recent runs kept for the percentiles: enough for a stable p99, small enough to sort per call
 PERCENTILES = (50, 90, 99)
-WORKER_MODULE = "thyme.sandbox.worker"  # the ``-m`` module of every worker command line (see process.py)
 
 
 def process_rss_bytes() -> int:
@@ -25,22 +24,14 @@ def process_rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def count_workers_alive() -> int:
-    """Counts the live sandbox worker processes started by this process (warm ones and those held by sessions).
+def workers_alive(sandbox: object) -> int | None:
+    """The live sandbox workers of the pool the server serves (idle ones and those held by sessions), or None for a
+    pool that does not count them (a ``RemoteSandbox``: its workers are another server's).
 
-    The pool does not expose this, and a worker can die under a session without the pool knowing until the next
-    run, so the process table is the ground truth.
+    Asked of the pool, not read from this process's children: workers forked by the zygote are its children.
     """
-    import psutil
-
-    alive = 0
-    for child in psutil.Process().children():
-        try:
-            if WORKER_MODULE in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
-                alive += 1
-        except psutil.Error:  # exited between listing and inspecting
-            continue
-    return alive
+    count = getattr(sandbox, "workers_alive", None)
+    return int(count()) if callable(count) else None
 
 
 def _percentile(sorted_values: list[float], percent: int) -> float:

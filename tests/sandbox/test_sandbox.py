@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 import thyme.sandbox
-from thyme.sandbox import InvalidInput, Limits, RepairConfig, Sandbox, SandboxClosed
+from thyme.sandbox import InvalidInput, Limits, RepairConfig, Sandbox, SandboxClosed, landlock
+from thyme.sandbox.isolation import Isolation
 
 LEGIT = {
     "cv2_crop_zoom": ("import cv2\nimg = cv2.imread(image_path)\ncrop = img[0:64, 90:154]\n"
@@ -349,3 +351,52 @@ def test_every_allowed_import_works(sandbox: Sandbox, small_image: Path) -> None
     result = sandbox.run(code, image=str(small_image))
     assert result.ok, result.error
     assert result.stdout == "imported\n"
+
+
+@pytest.mark.parametrize("start_method", ["exec", "zygote"])
+def test_workers_alive_counts_idle_and_session_workers(start_method: str, small_image: Path) -> None:
+    """The count the server reports: warm workers and those held by sessions, not dead ones, whichever way they
+    were started (forked workers are the zygote's children, not this process's)."""
+    with Sandbox(timeout=30, pool_size=1, start_method=start_method) as sandbox:
+        if sandbox.start_method != start_method:
+            pytest.skip("this kernel has no Landlock ABI 6: the Sandbox starts workers with exec")
+        assert sandbox.wait_ready(120)
+        assert sandbox.workers_alive() == 1
+        session = sandbox.session(image=str(small_image))
+        assert session.run("x = 1").ok
+        assert sandbox.wait_ready(120)  # the pool started a warm worker behind the taken one
+        assert sandbox.workers_alive() == 2
+        os.kill(session._worker.pid, signal.SIGKILL)  # dies under its session; nobody has been told yet
+        deadline = time.monotonic() + 30
+        while session._worker.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sandbox.workers_alive() == 1
+        assert session.run("print(2)").stdout == "2\n"  # the session gets a new worker
+        assert sandbox.workers_alive() == 2
+        session.close()
+        assert sandbox.workers_alive() == 1
+    assert sandbox.workers_alive() == 0
+
+
+def test_default_start_method_is_the_zygote_where_landlock_keeps_workers_apart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with Sandbox(pool_size=0) as sb:
+        assert sb.start_method == ("zygote" if landlock.abi_version() >= 6 else "exec")
+    with Sandbox(pool_size=0, start_method="exec") as sb:
+        assert sb.start_method == "exec"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="thyme.sandbox.local"):
+        with Sandbox(pool_size=0, isolation=Isolation(landlock=False)) as sb:
+            assert sb.start_method == "exec"  # the default falls back without a warning: exec is as safe
+        said = [r for r in caplog.records if "with exec" in r.getMessage()]  # not the isolation report
+        assert [r.levelno for r in said] == [logging.INFO]
+        assert "Landlock is switched off" in said[0].getMessage()
+        caplog.clear()
+        with Sandbox(pool_size=0, start_method="zygote", isolation=Isolation(landlock=False)) as sb:
+            assert sb.start_method == "exec"  # asked for by name: told it did not get it
+        said = [r for r in caplog.records if "with exec" in r.getMessage()]
+        assert [r.levelno for r in said] == [logging.WARNING]
+        assert "start_method='zygote' needs Landlock ABI 6+" in said[0].getMessage()
+    with pytest.raises(InvalidInput, match=r"start_method \('fork'\) must be 'zygote', 'exec' or None"):
+        Sandbox(pool_size=0, start_method="fork")

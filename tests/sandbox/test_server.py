@@ -192,12 +192,27 @@ def test_metrics_report_runs_errors_latency_and_workers(remote: RemoteSandbox, e
     with remote.session(image=str(example["image"])) as session:
         session.run("print(1)")
         session.run("1/0")
-    metrics = remote.metrics()
+        metrics = remote.metrics()  # while the session holds its worker: warm ones may still be starting
     assert metrics["runs"] >= 2
     assert metrics["errors"]["code_error"] >= 1
     assert metrics["latency_ms"]["p50"] is not None and metrics["latency_ms"]["p99"] >= metrics["latency_ms"]["p50"]
     assert metrics["workers_alive"] >= 1 and metrics["queue_length"] == 0
     assert metrics["rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("start_method", ["exec", "zygote"])
+def test_health_and_metrics_count_the_served_sandboxs_workers(start_method: str, small_image: Path) -> None:
+    with Sandbox(timeout=30, pool_size=1, start_method=start_method) as sandbox:
+        if sandbox.start_method != start_method:
+            pytest.skip("this kernel has no Landlock ABI 6: the Sandbox starts workers with exec")
+        with running_server(sandbox, token=TOKEN) as url, Sandbox(url=url, token=TOKEN) as remote:
+            assert sandbox.wait_ready(120)
+            assert remote.health()["workers_alive"] == 1
+            with remote.session(image=str(small_image)) as session:
+                assert session.run("x = 1").ok
+                assert sandbox.wait_ready(120)
+                assert remote.health()["workers_alive"] == remote.metrics()["workers_alive"] == 2
+            assert remote.health()["workers_alive"] == 1
 
 
 def test_openapi_schema_documents_the_api(server_url: str) -> None:
