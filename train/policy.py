@@ -208,6 +208,10 @@ class PolicyBackend:
             finish = FINISH_LENGTH
         if not ids:
             return [], [], text, finish
+        return ids, self._score_ids(ids), text, finish
+
+    def _score_ids(self, ids: list[int]) -> list[float]:
+        """Temperature-1 log-probs of ``ids`` appended to the trajectory, from one forward pass of the policy."""
         inputs = self._model_inputs()
         full = torch.cat([inputs["input_ids"], torch.tensor([ids], device=self._model.device)], dim=1)
         inputs["input_ids"], inputs["attention_mask"] = full, torch.ones_like(full)
@@ -217,7 +221,7 @@ class PolicyBackend:
         with self._lock, torch.no_grad():
             logits = self._model(**inputs).logits[0, -len(ids) - 1 : -1].float()
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids, device=logits.device)[:, None])
-        return ids, logprobs[:, 0].tolist(), text, finish
+        return logprobs[:, 0].tolist()
 
     def _sample(self, stop, sampling: SamplingParams, budget: int) -> tuple[list[int], list[float], str, str]:
         inputs = self._model_inputs()

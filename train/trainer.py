@@ -15,6 +15,10 @@ Built against trl==1.16.0 exactly (pinned in pyproject): the hooks below are pri
   for the duration of one step.
 - ``_generate_and_score_completions``: keeps the batch's rows (image path, question) for the rollout, and restores
   ``self.tools`` afterwards.
+- ``use_vllm``: TRL would start its own engine in ``__init__`` (processed log-probs, no image limits); the flag is
+  held off while TRL initialises and the engine is set up by :mod:`thyme.train.vllm_sync` (colocate) or TRL's
+  server client (server) instead, so TRL's weight sync call in ``_generate`` and its importance-sampling
+  correction still run. Each generation call then becomes one vLLM request (:mod:`thyme.train.vllm_rollout`).
 Everything else (rewards, advantages, KL, loss, logging, checkpoints, accelerate/DeepSpeed) is TRL's.
 """
 
@@ -81,6 +85,9 @@ class ThymeGRPOTrainer(GRPOTrainer):
             ``args.sandbox_timeout_s`` (``args.sandbox_url`` for a remote pool).
         rollout_script: a JSON script (see :func:`thyme.backends.scripted.load_script`) whose model text every
             rollout replays while the policy only scores it: dry runs and tests. None = the policy generates.
+        vllm_llm: with ``use_vllm`` and ``vllm_mode="colocate"``, an already started ``vllm.LLM``
+            (:func:`thyme.train.vllm_sync.start_colocate_llm`) to use instead of starting one: several trainers in
+            one process share an engine (tests, notebooks). Its weights are replaced at the first step.
         **kwargs: passed to ``GRPOTrainer`` (callbacks, peft_config, ...).
 
     Raises:
@@ -98,6 +105,7 @@ class ThymeGRPOTrainer(GRPOTrainer):
         *,
         sandbox: Any = None,
         rollout_script: str | Path | None = None,
+        vllm_llm: Any = None,
         **kwargs: Any,
     ):
         if not isinstance(args, ThymeGRPOConfig):
@@ -115,7 +123,16 @@ class ThymeGRPOTrainer(GRPOTrainer):
         default_rewards = reward_funcs is None
         if default_rewards:
             reward_funcs = make_thyme_rewards(judge)
-        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs)
+        use_vllm, args.use_vllm = args.use_vllm, False  # TRL must not start its own engine (module docstring)
+        try:
+            super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs)
+        finally:
+            args.use_vllm = use_vllm
+        self._vllm_engine = None
+        if use_vllm:
+            from thyme.train.vllm_setup import setup_vllm
+
+            self._vllm_engine = setup_vllm(self, vllm_llm)
         if default_rewards and args.reward_weights is None:
             weights = thyme_reward_weights(args.accuracy_weight, args.consistency_weight, args.format_weight)
             self.reward_weights = torch.tensor(weights, dtype=torch.float32)
@@ -166,7 +183,9 @@ class ThymeGRPOTrainer(GRPOTrainer):
         return self._sandbox
 
     def close(self) -> None:
-        """Stops the sandbox workers this trainer started."""
+        """Stops the sandbox workers this trainer started, and the vLLM request driver."""
+        if self._vllm_engine is not None:
+            self._vllm_engine.close()
         if self._owns_sandbox and self._sandbox is not None:
             self._sandbox.close()
             self._sandbox = None
@@ -215,22 +234,16 @@ class ThymeGRPOTrainer(GRPOTrainer):
         if len(prompts) != len(self._batch_rows):
             raise RuntimeError(f"rollout got {len(prompts)} prompts for {len(self._batch_rows)} rows")
         args: ThymeGRPOConfig = self.args
-        with (
-            RolloutImagesDir() as images_dir,
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
-            ) as model,
-            _eval_mode(model),
-        ):
+        on_vllm = self._vllm_engine is not None
+        with RolloutImagesDir() as images_dir, self._generation_model(on_vllm) as model:
+            requests = self._requests(images_dir)
             samples = run_batch(
-                self._requests(images_dir),
+                requests,
                 lambda index: self._backend(model),
                 self.sandbox,
                 self.loop_config,
-                workers=args.sandbox_workers,
+                # On vLLM every rollout of the batch is in flight at once: the engine batches their calls.
+                workers=len(requests) if on_vllm else args.sandbox_workers,
             )
         self._log_batch(samples)
         self._check_sandbox_health(samples)
@@ -252,17 +265,35 @@ class ThymeGRPOTrainer(GRPOTrainer):
         failed, total = self.accelerator.gather(counts).view(-1, 2).sum(dim=0).tolist()
         self._health.record(int(failed), int(total), errors)
 
+    @contextlib.contextmanager
+    def _generation_model(self, on_vllm: bool):
+        """The policy for the rollout (unwrapped, eval mode); None when vLLM generates (it holds synced weights)."""
+        if on_vllm:
+            yield None
+            return
+        args: ThymeGRPOConfig = self.args
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            ) as model,
+            _eval_mode(model),
+        ):
+            yield model
+
     def _backend(self, model: Any) -> PolicyBackend:
-        script = ScriptedBackend(self._script) if self._script is not None else None
         override = None if self.args.ats else self.loop_config.prose_sampling()
-        return PolicyBackend(
-            model,
-            self.processing_class,
-            lock=self._model_lock,
-            script=script,
-            max_completion_tokens=self.args.max_completion_length,
-            sampling_override=override,
-        )
+        options = {
+            "lock": self._model_lock,
+            "script": ScriptedBackend(self._script) if self._script is not None else None,
+            "max_completion_tokens": self.args.max_completion_length,
+            "sampling_override": override,
+        }
+        if model is None:  # vLLM generates (or scores the script)
+            return self._vllm_engine.backend(self.processing_class, **options)
+        return PolicyBackend(model, self.processing_class, **options)
 
     def _log_batch(self, samples: list[RolloutSample]) -> None:
         for name, value in asdict(BatchStats.of(samples)).items():
