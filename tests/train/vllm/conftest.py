@@ -70,3 +70,52 @@ def hf_policy(tiny_vllm_model_dir: Path):
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(tiny_vllm_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def make_vllm_trainer(tiny_vllm_model_dir: Path, tmp_path_factory, sandbox, rl_data_file: Path, vllm_llm):
+    """A ThymeGRPOTrainer with ``use_vllm`` (colocate) on the shared engine: CPU, G=2, one prompt per step."""
+    from thyme.train.config import ThymeGRPOConfig
+    from thyme.train.data import load_rl_dataset
+    from thyme.train.trainer import ThymeGRPOTrainer
+
+    built = []
+
+    def build(script: Path | None, reward_funcs=None, **overrides):
+        settings = dict(
+            output_dir=str(tmp_path_factory.mktemp("rl-vllm-out")),
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+            per_device_train_batch_size=2,
+            num_generations=2,
+            max_steps=2,
+            logging_steps=1,
+            save_strategy="no",
+            learning_rate=1e-2,
+            beta=0.0,
+            min_pixels=TEST_MIN_PIXELS,
+            max_pixels=TEST_MAX_PIXELS,
+            max_new_tokens_per_call=48,
+            max_completion_length=1024,
+            sandbox_workers=2,
+            seed=0,
+            use_vllm=True,
+            vllm_mode="colocate",
+        )
+        settings.update(overrides)
+        trainer = ThymeGRPOTrainer(
+            str(tiny_vllm_model_dir),
+            reward_funcs,
+            ThymeGRPOConfig(**settings),
+            load_rl_dataset(rl_data_file),
+            sandbox=sandbox,
+            rollout_script=script,
+            vllm_llm=vllm_llm,
+        )
+        built.append(trainer)
+        return trainer
+
+    yield build
+    for trainer in built:
+        trainer.close()
