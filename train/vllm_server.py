@@ -66,7 +66,7 @@ def place_features(features: dict, ids: list[int], pad_id: int) -> dict:
 def server_sampling_params(
     sampling: SamplingParams, stop: list[str] | tuple[str, ...], max_tokens: int, suppress_ids: list[int]
 ) -> dict[str, Any]:
-    """The JSON ``sampling_params`` of one call: the fields of :func:`~thyme.train.vllm_rollout.vllm_sampling_params`."""
+    """The JSON ``sampling_params`` of one call: those of :func:`~thyme.train.vllm_rollout.vllm_sampling_params`."""
     greedy = sampling.greedy
     params = {
         "n": 1,
