@@ -190,6 +190,11 @@ class ThymeGRPOConfig(GRPOConfig):
             raise ConfigError(f"judge_max_tries ({self.judge_max_tries}) must be >= 1")
         if self.use_vllm and self.vllm_mode not in VLLM_MODES:
             raise ConfigError(f"vllm_mode {self.vllm_mode!r} is not one of {', '.join(VLLM_MODES)} (TRL's names)")
+        if self.use_vllm and self.vllm_enable_sleep_mode:
+            raise ConfigError(
+                "vllm_enable_sleep_mode is not supported with Thyme's vLLM rollouts (the engine serves requests "
+                "between TRL's generate calls); set vllm_enable_sleep_mode=false"
+            )
         if self.vllm_max_images is not None and self.vllm_max_images < 1:
             raise ConfigError(f"vllm_max_images ({self.vllm_max_images}) must be >= 1 (the input image)")
         if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:

@@ -47,7 +47,6 @@ def setup_vllm(trainer: Any, llm: Any = None) -> Any:
     common = {
         "max_num_seqs": args.per_device_train_batch_size * args.steps_per_generation,
         "max_model_length": args.vllm_max_model_length,
-        "enable_sleep_mode": args.vllm_enable_sleep_mode,
         "model_impl": args.vllm_model_impl,
         "trust_remote_code": args.trust_remote_code,
     }

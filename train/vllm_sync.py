@@ -55,7 +55,7 @@ class ColocateVLLM(VLLMGeneration):
         llm: an already started ``vllm.LLM`` to use instead of starting one (one engine shared by several trainers
             in a process: tests, notebooks); it must have been started by :func:`start_colocate_llm`'s settings.
         **kwargs: TRL's colocate settings (``gpu_memory_utilization``, ``max_model_length``, ``max_num_seqs``,
-            ``tensor_parallel_size``, ``enable_sleep_mode``, ``model_impl``, ``trust_remote_code``).
+            ``tensor_parallel_size``, ``model_impl``, ``trust_remote_code``).
     """
 
     def __init__(
@@ -103,21 +103,15 @@ class ColocateVLLM(VLLMGeneration):
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 max_model_len=self.max_model_length,
                 max_num_seqs=self.max_num_seqs,
-                enable_sleep_mode=self.enable_sleep_mode,
                 model_impl=self.model_impl,
                 trust_remote_code=self.trust_remote_code,
                 seed=accelerator.process_index,
             )
-        if self.enable_sleep_mode:
-            self.llm.sleep(level=2)
-        self._llm_weights_sleeping = self.enable_sleep_mode
+        self._llm_weights_sleeping = False  # sleep mode is refused by ThymeGRPOConfig
         accelerator.wait_for_everyone()
 
     def sync_weights(self) -> None:
         """Loads the policy's current weights into the engine (vLLM's in-place reload; see the module docstring)."""
-        if self.enable_sleep_mode:
-            self.llm.wake_up(tags=["weights"])
-            self._llm_weights_sleeping = False
         worker = self.llm.llm_engine.model_executor.driver_worker
         worker = getattr(worker, "worker", worker)  # WorkerWrapperBase -> the device worker
         lock = self.engine_lock
@@ -167,7 +161,6 @@ def start_colocate_llm(
     gpu_memory_utilization: float = 0.3,
     max_model_len: int | None = None,
     max_num_seqs: int | None = None,
-    enable_sleep_mode: bool = False,
     model_impl: str = "auto",
     trust_remote_code: bool = False,
     seed: int = 0,
@@ -193,7 +186,6 @@ def start_colocate_llm(
         gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
-        enable_sleep_mode=enable_sleep_mode,
         model_impl=model_impl,
         trust_remote_code=trust_remote_code,
         enforce_eager=on_cpu,  # CPU: no graph capture to gain, and compiling costs a minute per start

@@ -31,6 +31,7 @@ def test_defaults_are_the_original_rl_settings():
         ({"format_weight": -1.0}, "reward weights"),
         ({"use_vllm": True, "vllm_mode": "remote"}, "vllm_mode 'remote' is not one of colocate, server"),
         ({"vllm_max_images": 0}, r"vllm_max_images \(0\) must be >= 1"),
+        ({"use_vllm": True, "vllm_enable_sleep_mode": True}, "vllm_enable_sleep_mode is not supported"),
     ],
 )
 def test_invalid_settings_fail_with_the_value_and_the_fix(overrides, message):
