@@ -76,7 +76,8 @@ def scripted_run(make_vllm_trainer, readme_script):
 
 @pytest.fixture(scope="module")
 def generated_run(make_vllm_trainer):
-    trainer = make_vllm_trainer(None, reward_funcs=[alternating_reward])
+    # One sandbox worker: the transformers path would then run one rollout at a time; vLLM runs the whole batch.
+    trainer = make_vllm_trainer(None, reward_funcs=[alternating_reward], sandbox_workers=1)
     seen = _capture_loss_inputs(trainer)
     in_flight = _in_flight(trainer)
     try:
