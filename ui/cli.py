@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from thyme.commands.options import add_model_arguments, check_model_name
+from thyme.commands.options import add_model_arguments, check_model_name, load_model_backend
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -46,9 +46,7 @@ def _build_backend(args: argparse.Namespace) -> Any:
     if args.endpoint:
         return BACKENDS["openai"](args.endpoint, model=args.model_name)
     if args.model:
-        from thyme.agent import ThymeAgent
-
-        return ThymeAgent.from_pretrained(args.model, dtype=args.dtype, device=args.device).backend
+        return load_model_backend(args)
     return None
 
 
@@ -56,7 +54,7 @@ def _description(args: argparse.Namespace, script: Path) -> str:
     if args.endpoint:
         return f"Model served at `{args.endpoint}`."
     if args.model:
-        return f"Model `{args.model}` (transformers)."
+        return f"Model `{args.model}` ({args.engine})."
     from thyme.ui.app import scripted_description
 
     return scripted_description(script)
@@ -88,7 +86,8 @@ def run_demo(args: argparse.Namespace) -> int:
             base_config=base_config,
             examples=[readme_example()],
             description=_description(args, script),
-            concurrency_limit=1 if args.model else SHARED_SERVER_CONCURRENCY,
+            # A transformers model answers one question at a time; vLLM and servers batch concurrent ones.
+            concurrency_limit=1 if args.model and args.engine == "transformers" else SHARED_SERVER_CONCURRENCY,
         )
         try:
             demo.queue().launch(

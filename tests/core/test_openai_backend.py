@@ -121,6 +121,15 @@ def test_openai_backend_sends_sampling_knobs(tiny_openai_server, images) -> None
     assert (body["max_tokens"], body["seed"], body["stop"]) == (4, 7, [protocol.CODE_CLOSE])
 
 
+def test_openai_backend_sends_neutral_sampling_values_too(tiny_openai_server, images) -> None:
+    # A vLLM server fills every field a request leaves out from the checkpoint's generation_config.json
+    # (Qwen2.5-VL: repetition penalty 1.05): "off" must be said, not implied. tests/vllm checks a real server.
+    OpenAIBackend(tiny_openai_server.url).generate(_chat(images), stop=[], sampling=GREEDY)
+    body = tiny_openai_server.requests[-1]
+    assert (body["temperature"], body["top_p"], body["top_k"], body["min_p"]) == (0.0, 1.0, -1, 0.0)
+    assert (body["repetition_penalty"], body["presence_penalty"], body["frequency_penalty"]) == (1.0, 0.0, 0.0)
+
+
 def test_openai_backend_shrinks_large_photos_and_keeps_jpeg(tiny_openai_server, tmp_path: Path) -> None:
     photo = tmp_path / "photo.jpg"
     Image.new("RGB", (640, 480), (200, 30, 30)).save(photo, quality=90)

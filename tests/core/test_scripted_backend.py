@@ -69,6 +69,6 @@ def test_bad_script_files(tmp_path):
 
 
 def test_backends_table_is_lazy_and_names_the_choices():
-    assert sorted(BACKENDS) == ["openai", "scripted", "transformers"]
+    assert sorted(BACKENDS) == ["openai", "scripted", "transformers", "vllm"]
     with pytest.raises(KeyError, match="choose one of"):
         BACKENDS["vllm-magic"]

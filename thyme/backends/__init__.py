@@ -14,6 +14,7 @@ from thyme.backends.base import Backend, Generation, SamplingParams
 # name -> "module:Class"; a plain table, not a plugin system.
 _BACKEND_PATHS = {
     "transformers": "thyme.backends.local:TransformersBackend",
+    "vllm": "thyme.backends.vllm_engine:VLLMBackend",
     "openai": "thyme.backends.openai_compat:OpenAIBackend",
     "scripted": "thyme.backends.scripted:ScriptedBackend",
 }

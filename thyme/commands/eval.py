@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from thyme.commands.options import add_loop_arguments, add_model_arguments, agent_config_from_args, check_model_name
+from thyme.commands.options import (
+    add_loop_arguments,
+    add_model_arguments,
+    agent_config_from_args,
+    check_model_name,
+    load_model_backend,
+)
+
+# Rows in flight into one in-process vLLM engine when --workers is not given: enough to fill a batch.
+VLLM_DEFAULT_WORKERS = 16
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -33,7 +42,12 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(parser, required=True, scripted_help='replay model text: JSON {"<row index>": [segments...]}')
     parser.add_argument("--mode", choices=("thyme", "direct"), default="thyme", help="tool loop or plain (thyme)")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N rows")
-    parser.add_argument("--workers", type=int, default=1, metavar="K", help="rows in parallel (--endpoint only; 1)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="K",
+        help=f"rows in parallel (--endpoint or --engine vllm; default 1, {VLLM_DEFAULT_WORKERS} with --engine vllm)",
+    )
     add_loop_arguments(parser, max_attempts=1, max_attempts_help="attempts before the fallback (1: retries sample)")
     parser.add_argument(
         "--eval-image-quirk",
@@ -96,8 +110,11 @@ def _backend_factory(args: argparse.Namespace) -> tuple[Any, Any]:
     from thyme.backends import BACKENDS
     from thyme.errors import ConfigError
 
-    if args.workers > 1 and args.model:
-        raise ConfigError("--workers > 1 needs --endpoint (or --scripted): a local model answers one row at a time")
+    if args.workers > 1 and args.model and args.engine == "transformers":
+        raise ConfigError(
+            "--workers > 1 needs --endpoint, --engine vllm (or --scripted): a transformers model answers one row "
+            "at a time"
+        )
     check_model_name(args)
     if args.scripted:
         scripts = _load_scripts(args.scripted)
@@ -113,10 +130,7 @@ def _backend_factory(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.endpoint:
         backend = BACKENDS["openai"](args.endpoint, model=args.model_name)
     else:
-        from thyme.agent import ThymeAgent
-
-        # from_pretrained checks the path / hub id and says how to get the weights; eval shares its backend.
-        backend = ThymeAgent.from_pretrained(args.model, dtype=args.dtype, device=args.device).backend
+        backend = load_model_backend(args)  # one backend shared by every row
     return (lambda item: backend), backend
 
 
@@ -124,6 +138,8 @@ def run_eval(args: argparse.Namespace) -> int:
     """Runs the evaluation and prints the headline numbers and where the files are."""
     from thyme.evaluation.harness import EvalConfig, run_evaluation
 
+    if args.workers is None:
+        args.workers = VLLM_DEFAULT_WORKERS if args.model and args.engine == "vllm" else 1
     config = EvalConfig(
         mode=args.mode,
         limit=args.limit,
@@ -134,7 +150,7 @@ def run_eval(args: argparse.Namespace) -> int:
     agent_config = agent_config_from_args(args, eval_image_quirk=args.eval_image_quirk)
     backend_for, backend = _backend_factory(args)
     model = args.model or args.endpoint or f"scripted:{args.scripted}"
-    info = {"model": model, "backend": "transformers" if args.model else "openai" if args.endpoint else "scripted"}
+    info = {"model": model, "backend": args.engine if args.model else "openai" if args.endpoint else "scripted"}
     try:
         result = run_evaluation(args.data, args.out, backend_for, config, agent_config, run_info=info)
     finally:

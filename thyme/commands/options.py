@@ -13,15 +13,25 @@ from typing import Any
 DEFAULT_SCRIPTED_HELP = "replay model text from a JSON script"
 
 
+ENGINES = ("transformers", "vllm")
+
+
 def add_model_arguments(
     parser: argparse.ArgumentParser, *, required: bool, scripted_help: str = DEFAULT_SCRIPTED_HELP
 ) -> None:
-    """Adds ``--model | --endpoint | --scripted`` (one of them) and ``--model-name``, ``--device``, ``--dtype``."""
+    """Adds ``--model | --endpoint | --scripted`` (one of them) and ``--model-name``, ``--engine``, ``--device``,
+    ``--dtype``."""
     source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("--model", metavar="ID_OR_PATH", help="hub id (Kwai-Keye/Thyme-RL) or local checkpoint")
     source.add_argument("--endpoint", metavar="URL", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     source.add_argument("--scripted", type=Path, metavar="FILE", help=scripted_help)
     parser.add_argument("--model-name", metavar="NAME", help="model name to request from --endpoint")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="transformers",
+        help="what runs --model: transformers (default) or an in-process vLLM engine that batches requests",
+    )
     parser.add_argument("--device", help="transformers device: cpu, cuda, cuda:1 or auto (default: cuda if any)")
     parser.add_argument("--dtype", default="auto", help="transformers dtype: auto, bfloat16, float16, float32")
 
@@ -51,6 +61,17 @@ def check_model_name(args: argparse.Namespace) -> None:
 
     if args.model_name and not args.endpoint:
         raise ConfigError("--model-name only applies with --endpoint")
+    if getattr(args, "engine", "transformers") != "transformers" and not args.model:
+        raise ConfigError(f"--engine {args.engine} runs a local model: pass --model (a server is --endpoint)")
+
+
+def load_model_backend(args: argparse.Namespace) -> Any:
+    """The backend of ``--model`` on ``--engine`` (transformers, or vLLM in this process)."""
+    from thyme.agent import ThymeAgent
+
+    kwargs = {"device": args.device} if args.engine == "transformers" else {}
+    # from_pretrained checks the path / hub id and says how to get the weights.
+    return ThymeAgent.from_pretrained(args.model, engine=args.engine, dtype=args.dtype, **kwargs).backend
 
 
 def agent_config_from_args(args: argparse.Namespace, **fields: Any) -> Any:
