@@ -5,7 +5,7 @@ OpenCV calls made directly in this process (imread, the clamped crop, 2x cubic z
 median time of each and the median of the per-iteration ratios. Target on a warm pool: <= 1.3x.
 ``--one-shot`` also times ``Sandbox.run`` (a fresh session per call: input copy, worker hand-over, clean-up).
 
-    python benchmarks/sandbox_overhead.py [--iterations 40] [--one-shot]
+    python benchmarks/sandbox_overhead.py [--iterations 40] [--one-shot] [--start-method exec|zygote]
 """
 
 from __future__ import annotations
@@ -53,9 +53,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--one-shot", action="store_true", help="also time Sandbox.run with a fresh session each")
+    parser.add_argument("--start-method", default=None, help="exec or zygote (a checkout without it: exec)")
     args = parser.parse_args()
     cv2.setNumThreads(1)
-    with Sandbox(timeout=30, pool_size=1) as sandbox, tempfile.TemporaryDirectory() as out_dir:
+    options = {"start_method": args.start_method} if args.start_method else {}
+    with Sandbox(timeout=30, pool_size=1, **options) as sandbox, tempfile.TemporaryDirectory() as out_dir:
         sandbox.wait_ready()
         session = sandbox.session(image=str(IMAGE), item_id="17127")
 

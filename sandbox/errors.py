@@ -8,6 +8,7 @@ the sandbox itself or of its caller, and they are what ``thyme`` prints as one l
 SandboxError
 ├── SandboxClosed           the Sandbox or Session was used after close()
 ├── InvalidInput            the caller passed a missing path, no image, or a bad limit
+├── IsolationUnavailable    strict isolation was asked for and bubblewrap cannot run here
 └── WorkerError             a worker process could not be started or broke its protocol
     └── WorkerCrashed       a worker died while starting (the pool stops retrying after a few tries)
 ```
@@ -28,6 +29,10 @@ class SandboxClosed(SandboxError):
 
 class InvalidInput(SandboxError, ValueError):
     """The caller gave an argument the sandbox cannot work with (missing image file, bad limit)."""
+
+
+class IsolationUnavailable(SandboxError):
+    """``Isolation(strict=True)`` was asked for, and the strong layer (bubblewrap's namespaces) cannot run here."""
 
 
 class WorkerError(SandboxError):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from thyme.sandbox import audit
 from thyme.sandbox.errors import PolicyViolation
-from thyme.sandbox.facades import PathPolicy, build_modules, confined_open
+from thyme.sandbox.facades import PathPolicy, build_modules, confined_open, cv2_path_constructors
 from thyme.sandbox.limits import Limits
 from thyme.sandbox.policy import PrintCollector, compile_code, make_globals
 from thyme.sandbox.repair import RepairConfig, RepairContext, repair_source
@@ -18,6 +19,8 @@ from thyme.sandbox.repair import RepairConfig, RepairContext, repair_source
 PRESEEDED_MODULES = {"os": "os", "random": "random", "string": "string", "math": "math", "json": "json", "re": "re",
                      "cv2": "cv2", "np": "numpy", "numpy": "numpy"}
 """Names the original put in the namespace before the code ran (reference 2.3); the weights rely on some."""
+
+cv2_path_constructors()  # computed here, during the worker's warm imports, while OpenCV's stubs are still readable
 
 
 class CodeRunner:
@@ -70,7 +73,10 @@ class CodeRunner:
         """Runs one code block and returns the reply fields (stdout, error, processed_path, repairs)."""
         self.collector.reset()
         before = self.namespace.get("processed_path")
-        context = RepairContext(input_path=self.copies[0], image_size=self.image_size,
+        # Crop boxes are clamped to the input's size only when there is one input: with several, a literal box may
+        # belong to any of them, and clamping it to the first would silently cut a valid crop of a larger one.
+        image_size = self.image_size if len(self.copies) == 1 else None
+        context = RepairContext(input_path=self.copies[0], image_size=image_size,
                                 scratch_dir=self.paths.scratch, is_known_file=self._is_known_file)
         notes: list[str] = []
         error = None
@@ -78,7 +84,9 @@ class CodeRunner:
             # Repairs and compiling are inside the try: pathological code (1000 nested brackets) makes `ast` raise
             # RecursionError or MemoryError, which is the code's error, not the worker's.
             source, notes = repair_source(code, self.repairs, context)
-            exec(compile_code(source), self.namespace)  # noqa: S102 - compiled under the RestrictedPython policy
+            code_object = compile_code(source)
+            with audit.armed(self.paths):
+                exec(code_object, self.namespace)  # noqa: S102 - compiled under the RestrictedPython policy
         except SyntaxError as exc:
             error = f"Code execution failed due to SyntaxError: {exc}"
         except ImportError as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import builtins
 import operator
+import re
 import string
 from collections.abc import Callable
 from types import CodeType, ModuleType
@@ -27,10 +28,17 @@ from typing import Any
 from RestrictedPython.compile import compile_restricted_exec
 from RestrictedPython.Eval import default_guarded_getitem, default_guarded_getiter
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence, safe_builtins
-from RestrictedPython.transformer import INSPECT_ATTRIBUTES
+from RestrictedPython.transformer import ALLOWED_FUNC_NAMES, INSPECT_ATTRIBUTES
 
 from thyme.sandbox.errors import PolicyViolation
-from thyme.sandbox.facades import ModuleFacade, PathPolicy, is_refused_method
+from thyme.sandbox.facades import (
+    ModuleFacade,
+    PathPolicy,
+    holds_object_references,
+    is_refused_method,
+    is_unsafe_value,
+    ndarray_standin,
+)
 
 ALLOWED_IMPORTS = frozenset({"cv2", "numpy", "PIL", "math", "cmath", "random", "re", "json", "collections",
                              "itertools", "functools", "statistics", "fractions", "decimal", "datetime", "time",
@@ -44,6 +52,15 @@ EXTRA_BUILTINS = ("range", "sorted", "max", "min", "sum", "zip", "enumerate", "m
                   "bytearray", "object", "property", "staticmethod", "classmethod", "super", "hasattr", "ascii", "bin",
                   "StopIteration", "ZeroDivisionError", "NotImplemented", "dir")
 SANDBOX_MODULE_NAME = "__sandbox__"
+ARRAY_PROTOCOL = ("__array_interface__", "__array_struct__")
+"""numpy trusts what these say (a data address, or a buffer with a larger shape than it holds): a class made in
+the sandbox may not define them, nor inherit a Python-level one (PIL's ``Image`` computes its own from ``size`` and
+``tobytes``, which a subclass can override). numpy's own C-level ones, on ``ndarray``, stay."""
+REFUSED_ATTRIBUTES = frozenset({"mro"})
+"""``cls.mro()`` hands out base classes such as ``enum.Enum``, whose functional API builds a class from names."""
+WRITES_INTO_BUFFER = re.compile(r"^(readinto\w*|\w+_into)$")
+"""Methods that write bytes into a buffer the caller passes (``f.readinto(a)``, ``recv_into``, ``pack_into``): over an
+array of Python objects, the bytes become object pointers. No image program needs them."""
 _INPLACE_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
     "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv, "//=": operator.ifloordiv,
     "%=": operator.imod, "**=": operator.ipow, "<<=": operator.ilshift, ">>=": operator.irshift,
@@ -161,11 +178,14 @@ def make_getattr(paths: PathPolicy) -> Callable[..., Any]:
             return _confined_save(paths, obj)
         if name == "save" and isinstance(obj, type) and issubclass(obj, Image.Image):
             return lambda image, *args, **kwargs: _confined_save(paths, image)(*args, **kwargs)
-        library = _defining_library(obj, name) if isinstance(name, str) else ""
-        if is_refused_method(library, name) or (library == "PIL" and name == "save"):
+        value = guarded_getattr(obj, name)
+        if name == "data" and isinstance(value, memoryview) and holds_object_references(value):
+            raise PolicyViolation("the memory of an array of Python objects is not available in the sandbox")
+        library = _defining_library(obj, name)
+        if is_refused_method(library, name, value) or (library == "PIL" and name == "save"):
             # the last case: `super().save(...)` in a subclass of PIL's Image, which the branches above miss
             raise PolicyViolation(f"{_describe(obj)}.{name} is not available in the sandbox")
-        return guarded_getattr(obj, name)
+        return value
 
     return getattr_
 
@@ -190,13 +210,16 @@ def guarded_getattr(obj: Any, name: str) -> Any:
     """
     if not isinstance(name, str):
         raise TypeError("attribute name must be a string")
-    if name.startswith("_") or name in INSPECT_ATTRIBUTES:
+    if (name.startswith("_") or name in INSPECT_ATTRIBUTES or name in REFUSED_ATTRIBUTES
+            or WRITES_INTO_BUFFER.match(name)):
         raise PolicyViolation(f"attribute {name!r} is not available in the sandbox")
     if name in ("format", "format_map") and (isinstance(obj, str) or (isinstance(obj, type) and issubclass(obj, str))):
         raise PolicyViolation("str.format is only available on a string directly")
     value = getattr(obj, name)
     if isinstance(value, ModuleType):
         raise PolicyViolation(f"module attribute {_describe(obj)}.{name} is not available in the sandbox")
+    if is_unsafe_value(value):
+        raise PolicyViolation(f"{_describe(obj)}.{name} is not available in the sandbox")
     return value
 
 
@@ -244,6 +267,13 @@ def make_import(modules: dict[str, Any]) -> Callable[..., Any]:
         if fromlist or "." not in name:
             for part in name.split(".")[1:]:
                 module = getattr(module, part)
+            for item in fromlist or ():
+                # `from M import x` reads x off the facade with a plain getattr; checked here first for a clear
+                # message. The facade has no `__name__` on purpose: with one, the import statement would fall back
+                # to sys.modules[f"{M}.{x}"] and hand out the real submodule (`from PIL import ImageFile`).
+                if item != "*" and (not isinstance(item, str) or not hasattr(module, item)):
+                    raise ImportError(f"cannot import name {item!r} from {name!r}: {name}.{item} is not available "
+                                      "in the sandbox")
             return module
         # `import PIL.Image` binds `PIL`: check that the submodule exists in the facade first.
         target = module
@@ -255,12 +285,88 @@ def make_import(modules: dict[str, Any]) -> Callable[..., Any]:
 
 
 def refuse_write(obj: Any) -> Any:
-    """The ``_write_`` guard: sandbox objects may be changed; modules, facades and library classes may not."""
+    """The ``_write_`` guard: sandbox objects may be changed; modules, facades, library classes and PIL objects
+    may not (a PIL image's ``tobytes``, ``filename`` or ``fp`` decide what its array view and its lazy load read)."""
     if isinstance(obj, (ModuleType, ModuleFacade)):
         raise PolicyViolation("modules cannot be modified in the sandbox")
     if isinstance(obj, type) and obj.__module__ != SANDBOX_MODULE_NAME:
         raise PolicyViolation(f"class {obj.__name__} cannot be modified in the sandbox")
+    if any(str(getattr(cls, "__module__", "")).split(".")[0] == "PIL" for cls in type(obj).__mro__):
+        raise PolicyViolation(f"attributes of a {type(obj).__name__} object cannot be set in the sandbox")
     return obj
+
+
+def _class_namespace_key_allowed(key: Any) -> bool:
+    """What a ``class`` statement may define is what ``type(name, bases, namespace)`` may."""
+    return isinstance(key, str) and (not key.startswith("_") or key in ALLOWED_FUNC_NAMES
+                                     or key in ("__module__", "__qualname__", "__doc__"))
+
+
+def _check_new_class(cls: type) -> type:
+    """Refuses a sandbox class that defines or inherits a Python-level numpy array protocol (see ARRAY_PROTOCOL)."""
+    for base in cls.__mro__:
+        for name in ARRAY_PROTOCOL:
+            if name in vars(base) and type(vars(base)[name]).__name__ != "getset_descriptor":
+                raise PolicyViolation(f"a class with {name} (defined by {base.__name__}) cannot be made in the "
+                                      "sandbox")
+    return cls
+
+
+def _guarded_type(*args: Any, **kwargs: Any) -> Any:
+    """``type``: one argument gives the class (but not a metaclass, nor the class of an any-attribute object);
+    three make a class whose namespace obeys the ``class`` statement's rules."""
+    if len(args) == 1 and not kwargs:
+        kind = type(args[0])
+        if kind is type:
+            return _guarded_type
+        if kind.__module__ == "numpy" and kind.__name__ == "ndarray":
+            return ndarray_standin()
+        if is_unsafe_value(kind):
+            raise PolicyViolation(f"type() of a {kind.__name__} object is not available in the sandbox")
+        return kind
+    if len(args) != 3 or not isinstance(args[2], dict):
+        raise TypeError("type() takes 1 or 3 arguments: type(object) or type(name, bases, namespace)")
+    name, bases, namespace = args
+    refused = sorted(str(key) for key in namespace if not _class_namespace_key_allowed(key))
+    if refused:
+        raise PolicyViolation(f"a class cannot define {', '.join(refused)} in the sandbox")
+    namespace = dict(namespace)
+    namespace.setdefault("__module__", SANDBOX_MODULE_NAME)
+    return _check_new_class(type(name, bases, namespace, **kwargs))
+
+
+def _guarded_build_class(function: Any, name: str, *bases: Any, **kwargs: Any) -> Any:
+    """``__build_class__`` (the ``class`` statement), checked like ``type()``; ``metaclass=`` can only be ``type``."""
+    metaclass = kwargs.get("metaclass", type)
+    if metaclass is not type and metaclass is not _guarded_type:
+        raise PolicyViolation("a metaclass cannot be given in the sandbox")
+    kwargs["metaclass"] = type
+    return _check_new_class(builtins.__build_class__(function, name, *bases, **kwargs))
+
+
+def _real_classinfo(classinfo: Any) -> Any:
+    if classinfo is _guarded_type:
+        return type
+    if isinstance(classinfo, tuple):
+        return tuple(_real_classinfo(item) for item in classinfo)
+    return classinfo
+
+
+def _guarded_isinstance(obj: Any, classinfo: Any) -> bool:
+    """``isinstance``, with the sandbox's ``type`` standing for the real one (``isinstance(C, type)``)."""
+    return isinstance(obj, _real_classinfo(classinfo))
+
+
+def _guarded_issubclass(cls: Any, classinfo: Any) -> bool:
+    return issubclass(cls, _real_classinfo(classinfo))
+
+
+def _guarded_apply(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``f(*args, **kwargs)``: keyword names from a dict obey the same ``_`` rule as written ones."""
+    refused = sorted(key for key in kwargs if key.startswith("_"))
+    if refused:
+        raise PolicyViolation(f"keyword argument {refused[0]!r} is not available in the sandbox")
+    return function(*args, **kwargs)
 
 
 def make_globals(paths: PathPolicy, modules: dict[str, Any], collector: PrintCollector,
@@ -272,7 +378,8 @@ def make_globals(paths: PathPolicy, modules: dict[str, Any], collector: PrintCol
         names[name] = getattr(builtins, name)
     names.update(
         __import__=make_import(modules), getattr=getattr_, open=open_function, _getattr_=getattr_,
-        isinstance=isinstance, issubclass=issubclass, print=collector._call_print,
+        isinstance=_guarded_isinstance, issubclass=_guarded_issubclass, print=collector._call_print,
+        type=_guarded_type, __build_class__=_guarded_build_class,
     )
     for name in ("setattr", "delattr"):
         names.pop(name, None)  # they bypass _write_; attribute assignment syntax is guarded instead
@@ -291,6 +398,6 @@ def make_globals(paths: PathPolicy, modules: dict[str, Any], collector: PrintCol
         "_unpack_sequence_": guarded_unpack_sequence,
         "_write_": refuse_write,
         "_inplacevar_": lambda op, x, y: _INPLACE_OPERATORS[op](x, y),
-        "_apply_": lambda function, *args, **kwargs: function(*args, **kwargs),
+        "_apply_": _guarded_apply,
         "_print_": collector,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -20,11 +21,12 @@ class WorkerPool:
     """Keeps ``size`` started workers waiting. A taken worker belongs to one session and is never returned.
 
     Args:
-        start_worker (`Callable[[], WorkerProcess]`): starts one worker (blocking, ~0.5-1 s).
+        start_worker (`Callable[..., WorkerProcess]`): starts one worker (blocking: ~0.5-1 s with exec, ms from a
+            zygote); called with ``warm=True`` for the idle workers nobody waits for yet.
         size (`int`): how many idle workers to keep ready.
     """
 
-    def __init__(self, start_worker: Callable[[], WorkerProcess], size: int) -> None:
+    def __init__(self, start_worker: Callable[..., WorkerProcess], size: int) -> None:
         self._start_worker = start_worker
         self._size = size
         self._idle: deque[WorkerProcess] = deque()
@@ -44,7 +46,7 @@ class WorkerPool:
                 if worker.alive:
                     self._condition.notify_all()
                     return worker
-                worker.kill()
+                discard(worker)
             self._condition.notify_all()
         return self._start_worker()
 
@@ -57,7 +59,9 @@ class WorkerPool:
                     return
                 self._starting += 1
             try:
-                worker: WorkerProcess | None = self._start_worker()
+                worker: WorkerProcess | None = self._start_worker(warm=True)
+            except SandboxClosed:
+                return  # the Sandbox closed while this worker was being started
             except WorkerError as exc:
                 logger.warning("sandbox pool: starting a warm worker failed, retrying in %.0f s: %s",
                                RETRY_DELAY_S, exc)
@@ -71,7 +75,7 @@ class WorkerPool:
                 if worker is None and not self._idle and not self._closed:
                     self._condition.wait(RETRY_DELAY_S)
             if worker is not None:
-                worker.kill()
+                discard(worker)
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Blocks until the pool holds ``size`` idle workers (benchmarks, tests); returns whether it does."""
@@ -84,5 +88,11 @@ class WorkerPool:
             idle, self._idle = list(self._idle), deque()
             self._condition.notify_all()
         for worker in idle:
-            worker.kill()
+            discard(worker)
         self._filler.join(timeout=30)
+
+
+def discard(worker: WorkerProcess) -> None:
+    """Kills a worker no session took, and deletes the empty session dir it was started for."""
+    worker.kill()
+    shutil.rmtree(worker.session_dir, ignore_errors=True)

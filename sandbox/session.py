@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -13,9 +14,10 @@ from types import TracebackType
 
 from thyme.sandbox.errors import InvalidInput, SandboxClosed
 from thyme.sandbox.limits import Limits
-from thyme.sandbox.process import ExecutionTimedOut, WorkerDied, WorkerProcess
+from thyme.sandbox.process import ExecutionTimedOut, ProtocolViolation, WorkerDied, WorkerProcess
 from thyme.sandbox.repair import RepairConfig
-from thyme.sandbox.result import ExecutionResult, check_saved_images, detect_images
+from thyme.sandbox.result import ExecutionResult
+from thyme.sandbox.returned import clean_text, collect_images
 
 logger = logging.getLogger(__name__)
 
@@ -32,37 +34,44 @@ class Session:
         input_paths (`list[str]`): the paths to tell the model (the prompt's image path). They are read-only
             copies of the caller's files, which the code can never modify.
         scratch_dir (`pathlib.Path`): where the code's files go; ``/mnt/data/temp_processed_images/`` stands for it.
+            It belongs to the worker: the parent reads nothing there but the files a run returns, without
+            following links.
+        results_dir (`pathlib.Path`): where the checked copies of returned images go (``result.images``), one
+            sub-dir per run; outside the worker's reach, so nothing the code does later changes them.
         item_id (`str`): the id in every error line (``Sandbox for <item_id>: ...``).
     """
 
-    def __init__(self, images: Sequence[str | os.PathLike[str]], item_id: str | None, root: Path, limits: Limits,
-                 repairs: RepairConfig, acquire: Callable[[], WorkerProcess]) -> None:
+    def __init__(self, images: Sequence[str | os.PathLike[str]], item_id: str | None, limits: Limits,
+                 repairs: RepairConfig, acquire: Callable[[], WorkerProcess],
+                 restart: Callable[[Path], WorkerProcess], results_root: Path) -> None:
         originals = [_check_image_path(path) for path in images]
         if not originals:
             raise InvalidInput("a session needs at least one input image: pass image=PATH or images=[...]")
         self.item_id = item_id if item_id is not None else Path(originals[0]).stem
         self._limits = limits
         self._repairs = repairs
-        self._acquire = acquire
+        self._restart = restart
         self._lock = threading.Lock()
+        # The worker comes first: it was started (warm) for its own session dir, the only one it can see.
+        worker = acquire()
         self._closed = False
-        self._dir = Path(tempfile.mkdtemp(prefix="session-", dir=root))
-        self._dir.chmod(0o711)  # our own temp dir: the worker (another uid) may pass through, not list
-        self._inputs = self._copy_inputs(originals)
-        self.input_paths: list[str] = list(self._inputs.values())
+        self._dir = Path(worker.session_dir)
         self.scratch_dir = self._dir / "scratch"
-        self.scratch_dir.mkdir(mode=0o700)
+        self.results_dir = Path(tempfile.mkdtemp(prefix="session-", dir=results_root))
+        self._runs = 0
         self._worker: WorkerProcess | None = None
         self._input_error: str | None = None
         try:
-            self._start_worker()
+            self._inputs = self._copy_inputs(originals)
+            self.input_paths: list[str] = list(self._inputs.values())
+            self._open(worker)
         except BaseException:
+            worker.kill()
             self.close()
             raise
 
     def _copy_inputs(self, originals: list[str]) -> dict[str, str]:
         inputs_dir = self._dir / "inputs"
-        inputs_dir.mkdir(mode=0o755)
         copies: dict[str, str] = {}
         for index, original in enumerate(originals):
             name = Path(original).name
@@ -72,19 +81,17 @@ class Session:
             copies[original] = str(target)
         return copies
 
-    def _start_worker(self) -> None:
-        worker = self._acquire()
+    def _open(self, worker: WorkerProcess) -> None:
         if os.geteuid() == 0 and worker.uid != 0:
             os.chown(self.scratch_dir, worker.uid, worker.uid)  # the scratch dir belongs to this worker alone
-            for path in self.scratch_dir.rglob("*"):  # files of a previous (killed) worker of this session
-                os.chown(path, worker.uid, worker.uid, follow_symlinks=False)
+            _hand_over(self.scratch_dir, worker.uid)  # files of a previous (killed) worker of this session
         try:
             reply = worker.request(
                 {"op": "open", "scratch_dir": str(self.scratch_dir), "inputs": list(self._inputs.items()),
                  "repairs": vars(self._repairs)},
                 OPEN_TIMEOUT_S,
             )
-        except (ExecutionTimedOut, WorkerDied) as exc:
+        except (ExecutionTimedOut, WorkerDied, ProtocolViolation) as exc:
             # Reading the input headers is the only thing `open` does with outside data: a crash or hang here is
             # the input's fault (a malicious file), and is reported on every run instead of raised.
             worker.kill()
@@ -107,7 +114,7 @@ class Session:
                 return self._failed(f"Cannot run code: {self._input_error}.", "")
             lost = ""
             if self._worker is None or not self._worker.alive:
-                self._start_worker()
+                self._open(self._restart(self._dir))
                 lost = " (the previous sandbox process was stopped: variables from earlier code blocks are gone)"
                 if self._input_error is not None:
                     return self._failed(f"Cannot run code: {self._input_error}.", "")
@@ -121,13 +128,28 @@ class Session:
             except WorkerDied as exc:
                 self._worker = None
                 return self._failed(f"Code execution failed: {exc}; variables from earlier code blocks are gone.", "")
-            stdout = str(reply.get("stdout", ""))
-            repairs = [str(note) for note in reply.get("repairs", [])]
+            except ProtocolViolation as exc:
+                self._worker = None
+                return self._failed(f"Code execution failed: {exc}; the sandbox process was stopped and variables "
+                                    "from earlier code blocks are gone.", "")
+            # The reply comes from a process the code may control: every field is checked for its type, and text
+            # is cleaned so that it can always be encoded (a lone surrogate would break the HTTP server's JSON).
+            stdout = clean_text(str(reply.get("stdout", "")))
+            notes = reply.get("repairs")
+            repairs = [clean_text(str(note)) for note in notes] if isinstance(notes, list) else []
             if reply.get("error"):
-                return self._failed(f"{reply['error']}{lost}", stdout, repairs)
-            images, problem = detect_images(stdout, reply.get("processed_path"),
-                                            bool(reply.get("processed_path_is_str")), str(self.scratch_dir))
-            problem = problem or check_saved_images(images, self._limits.max_pixels)
+                return self._failed(f"{clean_text(str(reply['error']))}{lost}", stdout, repairs)
+            processed = reply.get("processed_path")
+            self._runs += 1
+            target = self.results_dir / f"run-{self._runs}"
+            target.mkdir(mode=0o700)
+            images, problem = collect_images(
+                stdout, str(processed) if processed is not None else None, reply.get("processed_path_is_str") is True,
+                self.scratch_dir, target, max_pixels=self._limits.max_pixels,
+                max_file_bytes=self._limits.file_size_mb * 2**20, max_total_bytes=self._limits.scratch_mb * 2**20,
+            )  # fmt: skip
+            if not images:
+                target.rmdir()
             if problem is not None:
                 return self._failed(problem, stdout, repairs)
             return ExecutionResult(ok=True, stdout=stdout, images=images, repairs=repairs)
@@ -151,11 +173,12 @@ class Session:
                 self._worker = None
             if not keep_files:
                 shutil.rmtree(self._dir, ignore_errors=True)
+                shutil.rmtree(self.results_dir, ignore_errors=True)
 
     @property
-    def directory(self) -> Path:
-        """The session's own dir (inputs/ and scratch/)."""
-        return self._dir
+    def directories(self) -> list[Path]:
+        """The session's own dirs: its work dir (inputs/ and scratch/) and its results dir."""
+        return [self._dir, self.results_dir]
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
@@ -167,6 +190,24 @@ class Session:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.close()
+
+
+def _hand_over(scratch_dir: Path, uid: int) -> None:
+    """Gives a previous worker's files to the new worker, without trusting them: a link is never followed, and a
+    file with a second name (a hard link the old worker made to a file of someone else) keeps its owner."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    for directory, subdirs, files in os.walk(scratch_dir):  # os.walk does not descend into linked dirs
+        for name in subdirs + files:
+            try:
+                fd = os.open(os.path.join(directory, name), flags)
+            except OSError:  # a link (ELOOP), or gone
+                continue
+            try:
+                info = os.fstat(fd)
+                if stat.S_ISDIR(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_nlink == 1):
+                    os.fchown(fd, uid, uid)
+            finally:
+                os.close(fd)
 
 
 def _check_image_path(path: str | os.PathLike[str]) -> str:

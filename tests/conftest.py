@@ -23,7 +23,12 @@ if importlib.util.find_spec("vllm") is not None:
     # import transformers' processors directly need the repair thyme's model modules apply on import.
     import thyme.backends.cpu_torch_extensions  # noqa: F401
 
-pytest_plugins: list[str] = ["tests.fixtures.tiny_model", "tests.fixtures.openai_server", "tests.fixtures.sft_rows"]
+pytest_plugins: list[str] = [
+    "tests.fixtures.tiny_model",
+    "tests.fixtures.openai_server",
+    "tests.fixtures.sft_rows",
+    "tests.fixtures.judge_server",
+]
 
 _real_connect = socket.socket.connect
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 import subprocess
 import sys
 import tomllib
@@ -83,3 +84,42 @@ def test_packaging_import_thyme_does_not_import_torch() -> None:
     code = "import sys, thyme; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
     assert out.stdout.strip() == "False"
+
+
+# `pip install` of a distribution name, with or without extras: `pip install 'NAME[server]'`, `pip install NAME`.
+_PIP_INSTALL_NAME = re.compile(r"""pip install\s+(?:-U\s+)?['"]?([A-Za-z][\w.-]*)(\[[\w,]+\])?""")
+# Files a user reads for install lines, and source files whose errors tell users what to install.
+_INSTALL_LINE_FILES = ["README.md", "docs/*.md", "thyme/**/*.py", "sandbox/**/*.py", "train/**/*.py", "ui/**/*.py"]
+# Other projects the docs tell users to install by their own names.
+_OTHER_PROJECTS = {
+    "torch", "lmms-eval", "filelock", "matplotlib", "math-verify", "vllm", "sglang", "flash-attn", "chromium",
+}  # fmt: skip
+
+
+def _install_lines() -> list[tuple[str, str]]:
+    found = []
+    for pattern in _INSTALL_LINE_FILES:
+        for path in sorted(ROOT.glob(pattern)):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                for match in _PIP_INSTALL_NAME.finditer(line):
+                    found.append((f"{path.relative_to(ROOT)}:{number}", match.group(1)))
+    return found
+
+
+def test_packaging_distribution_name_is_not_the_taken_pypi_name() -> None:
+    """`thyme` on PyPI is an unrelated hydrodynamics package: `pip install 'thyme[server]'` installs THAT."""
+    name = PYPROJECT["project"]["name"]
+    assert name != "thyme"
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    self_refs = [dep for deps in extras.values() for dep in deps if dep.split("[")[0] in ("thyme", name)]
+    assert self_refs and all(dep.startswith(name + "[") for dep in self_refs), self_refs
+
+
+def test_packaging_docs_install_lines_name_the_distribution() -> None:
+    """Every `pip install NAME` line in the docs and in error hints names our distribution or another project."""
+    name = PYPROJECT["project"]["name"]
+    lines = _install_lines()
+    ours = [where for where, installed in lines if installed == name]
+    wrong = [f"{where}: {installed}" for where, installed in lines if installed not in {name, *_OTHER_PROJECTS}]
+    assert not wrong, f"install lines that do not name {name!r} (or a known other project): {wrong}"
+    assert len(ours) >= 5, ours  # README, docs and the server/openai/ui hints

@@ -18,14 +18,14 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from thyme.backends.base import Backend
 from thyme.config import AgentConfig
 from thyme.errors import ConfigError, ModelNotFoundError
-from thyme.images import ImageSource, open_input_image
+from thyme.images import ImageSource, InputImage, open_input_image
 from thyme.loop import Event, Finished, RolloutRequest, RolloutResult, run_rollout
 
 logger = logging.getLogger(__name__)
@@ -103,11 +103,15 @@ class ThymeAgent:
             self._sandbox = Sandbox(timeout=self.config.sandbox_timeout_s)
         return self._sandbox
 
-    def stream(self, image: ImageSource, question: str, *, item_id: str | None = None) -> Iterator[Event]:
+    def stream(
+        self, image: ImageSource | Sequence[ImageSource], question: str, *, item_id: str | None = None
+    ) -> Iterator[Event]:
         """Runs the loop and yields its events as they happen (see :mod:`thyme.loop`); the last is ``Finished``.
 
         Args:
-            image (`str | Path | PIL.Image.Image | numpy.ndarray`): the image to ask about (numpy: RGB, uint8).
+            image (`str | Path | PIL.Image.Image | numpy.ndarray`, or a list of them): the image to ask about
+                (numpy: RGB, uint8), or several images for one question (the model sees them all, in order; the
+                code gets every path).
             question (`str`): the question, already formatted if it is a benchmark item (``thyme.prompts.format_*``).
             item_id (`str`, *optional*): the id in sandbox error messages; default: the image file's stem.
 
@@ -117,16 +121,26 @@ class ThymeAgent:
         """
         if not isinstance(question, str) or not question.strip():
             raise ConfigError("the question is empty: pass the text of the question to ask about the image")
-        source = open_input_image(image, max_pixels=self.config.max_input_pixels)
-        images_dir = self.config.images_dir or Path(tempfile.mkdtemp(prefix="thyme-images-"))
-        request = RolloutRequest(question, source.path, source.width, source.height, Path(images_dir), item_id)
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise ConfigError("no image given: pass an image, or a list of one or more images")
+        sources: list[InputImage] = []
         try:
+            for each in images:
+                sources.append(open_input_image(each, max_pixels=self.config.max_input_pixels))
+            first, more = sources[0], [(s.path, s.width, s.height) for s in sources[1:]]
+            images_dir = self.config.images_dir or Path(tempfile.mkdtemp(prefix="thyme-images-"))
+            request = RolloutRequest(question, first.path, first.width, first.height, Path(images_dir), item_id, more)
             yield from run_rollout(self.backend, self.sandbox, request, self.config)
         finally:
-            source.cleanup()
+            for source in sources:
+                source.cleanup()
 
-    def answer(self, image: ImageSource, question: str, *, item_id: str | None = None) -> RolloutResult:
-        """Answers ``question`` about ``image``; returns the result (``.answer``, ``.trajectory``, counters).
+    def answer(
+        self, image: ImageSource | Sequence[ImageSource], question: str, *, item_id: str | None = None
+    ) -> RolloutResult:
+        """Answers ``question`` about ``image`` (one image or a list); returns the result (``.answer``,
+        ``.trajectory``, counters).
 
         Raises:
             ConfigError, ImageError: bad input (see :meth:`stream`). A model's bad output never raises: it ends as a

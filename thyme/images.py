@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 # Larger inputs are refused before decoding: 100 megapixels is about 300 MB of RGB, more than any benchmark image
 # (HR-Bench 8K is ~56 MP) and below PIL's decompression-bomb error threshold (~179 MP).
 DEFAULT_MAX_INPUT_PIXELS = 100_000_000
+_PIL_LIMIT_LOCK = threading.Lock()
 
 ImageSource = str | os.PathLike | Image.Image | Any  # Any: numpy.ndarray (numpy is imported only when one is given)
 
@@ -58,8 +61,25 @@ def _check_pixels(width: int, height: int, max_pixels: int, what: str) -> None:
     if width * height > max_pixels:
         raise ImageError(
             f"{what} is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}: "
-            "downscale it first or raise max_input_pixels"
+            "downscale it first, or raise the limit (--max-input-pixels, AgentConfig.max_input_pixels)"
         )
+
+
+@contextmanager
+def _our_limit_only() -> Iterator[None]:
+    """Lifts PIL's own decompression-bomb limit while a header is read, so that ``max_input_pixels`` is the one
+    limit with the one message (PIL would refuse ~179 MP with its "DOS attack" wording, and warn from ~89 MP).
+
+    PIL keeps its limit in a module global; it is lifted only around ``Image.open``, which reads the header alone
+    (our own check follows at once, before any pixel is decoded), under a lock so concurrent reads restore it.
+    """
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def read_image_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> tuple[int, int]:
@@ -74,19 +94,19 @@ def read_image_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_INPUT
     if not path.is_file():
         raise ImageError(f"image path is not a file: {path}")
     try:
-        with warnings.catch_warnings():
-            # We enforce our own pixel limit below; PIL's bomb warning would only duplicate it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                _check_pixels(width, height, max_pixels, f"image {path}")
-                image.load()  # decode everything: a truncated or corrupt body fails here, not in the sandbox
+        with _our_limit_only():
+            image = Image.open(path)
     except UnidentifiedImageError as exc:
         raise ImageError(f"{path} is not an image PIL can read (expected JPEG, PNG, WebP, BMP, TIFF, GIF)") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image {path} is too large to decode safely: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL reports corrupt data with these
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL reports a corrupt header with these
         raise ImageError(f"image {path} is corrupt or truncated: {exc}") from exc
+    with image:
+        width, height = image.size
+        _check_pixels(width, height, max_pixels, f"image {path}")  # before decoding: an ImageError of its own
+        try:
+            image.load()  # decode everything: a truncated or corrupt body fails here, not in the sandbox
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL reports corrupt data with these
+            raise ImageError(f"image {path} is corrupt or truncated: {exc}") from exc
     return width, height
 
 

@@ -15,7 +15,8 @@ answer. Retries (attempts after the first) sample prose with the ATS settings ev
 
 An attempt ends with one of the ``STOP_*`` reasons: ``answer`` (success), ``eos`` (turn ended without an answer),
 ``empty`` (the backend returned nothing), ``budget`` (calls used up: e.g. a model that never closes ``<code>``),
-``repetition`` (a length-capped call ended in a loop), ``malformed_code`` (``</code>`` without a code block).
+``repetition`` (a length-capped call ended in a loop), ``malformed_code`` (``</code>`` without a code block),
+``context`` (the model's context window is full: the backend had no room for a single new token).
 A backend that ignores stop strings is cut after the first stop string (so a second ``<answer>`` never counts).
 Image paths the sandbox returns outside its scratch directory are refused (logged, never shown to the model).
 
@@ -39,13 +40,13 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from thyme.backends.base import FINISH_LENGTH, Backend, Generation, SamplingParams
 from thyme.config import AgentConfig
-from thyme.prompts import FALLBACK_SYSTEM_PROMPT, SYSTEM_PROMPT, fallback_prompt, user_prompt, user_text_item
+from thyme.prompts import FALLBACK_SYSTEM_PROMPT, SYSTEM_PROMPT, fallback_prompt, user_prompt_images, user_text_item
 from thyme.protocol import (
     ANSWER_CLOSE,
     ATS_CODE_STOP_STRINGS,
@@ -69,6 +70,7 @@ STOP_EMPTY = "empty"
 STOP_BUDGET = "budget"
 STOP_REPETITION = "repetition"
 STOP_MALFORMED_CODE = "malformed_code"
+STOP_CONTEXT = "context"
 # Longest repeated unit the repetition check looks for (characters).
 _MAX_REPEAT_UNIT = 200
 
@@ -152,6 +154,9 @@ class RolloutRequest:
         height (`int`, *optional*): original height.
         images_dir (`Path`): where sandbox images are copied so they outlive the sandbox session.
         item_id (`str`, *optional*): the id in ``Sandbox for <id>:`` errors; default: the image's file stem.
+        more_images (`list[tuple[str, int | None, int | None]]`): further input images after the first, as
+            ``(path, width, height)``; the model sees them all, in order, and the sandbox session gets them all
+            (``thyme.prompts.user_prompt_images`` says how the prompt names them).
     """
 
     question: str
@@ -160,6 +165,12 @@ class RolloutRequest:
     height: int | None
     images_dir: Path
     item_id: str | None = None
+    more_images: list[tuple[str, int | None, int | None]] = field(default_factory=list)
+
+    @property
+    def input_images(self) -> list[tuple[str, int | None, int | None]]:
+        """Every input image as ``(path, width, height)``, the first one included."""
+        return [(self.image_path, self.width, self.height), *self.more_images]
 
 
 class _Counters:
@@ -254,7 +265,7 @@ def _run_attempt(
         counters.calls += 1
         text = _cut_at_stop(generation.text, stop)
         if not text:
-            return STOP_EMPTY
+            return STOP_CONTEXT if generation.finish_reason == FINISH_LENGTH else STOP_EMPTY
         segment = ModelText(text, generation, sampling)
         trajectory.segments.append(segment)
         yield TextGenerated(segment, call_index)
@@ -288,7 +299,10 @@ def _execute(
     yield CodeStarted(code)
     result = session.run(code)
     counters.code_runs += 1
-    output = _sandbox_output(result, Path(session.scratch_dir), request.images_dir, prefix)
+    # A local session hands out checked copies in its results_dir; a remote one downloads into its scratch_dir.
+    output = _sandbox_output(
+        result, Path(getattr(session, "results_dir", session.scratch_dir)), request.images_dir, prefix
+    )
     counters.code_errors += output.error is not None
     hidden = output.error is not None and not config.show_sandbox_errors
     if hidden:
@@ -302,7 +316,12 @@ def _execute(
 
 
 def new_trajectory(
-    request: RolloutRequest, config: AgentConfig, *, prompt_path: str | None = None, fallback: bool = False
+    request: RolloutRequest,
+    config: AgentConfig,
+    *,
+    prompt_path: str | None = None,
+    fallback: bool = False,
+    prompt_paths: list[str] | None = None,
 ) -> Trajectory:
     """The [system, user] start of a trajectory: the official prompts, or the fallback conversation.
 
@@ -310,17 +329,20 @@ def new_trajectory(
         prompt_path (`str`, *optional*): the image path the prompt tells the model, i.e. the path the sandbox
             session gives the code (``session.input_paths[0]``); default: ``request.image_path``. The image item
             itself always points at the original file.
+        prompt_paths (`list[str]`, *optional*): the same for every input image (several images), in order.
     """
+    images = request.input_images
     if fallback:
         system, text = FALLBACK_SYSTEM_PROMPT, fallback_prompt(request.question)
     else:
-        path = prompt_path or request.image_path
-        prompt = user_prompt(request.question, path, request.width, request.height)
+        paths = prompt_paths or [prompt_path or request.image_path] + [path for path, _, _ in images[1:]]
+        named = [(path, width, height) for path, (_, width, height) in zip(paths, images, strict=True)]
+        prompt = user_prompt_images(request.question, named)
         system, text = SYSTEM_PROMPT, user_text_item(prompt, eval_image_quirk=config.eval_image_quirk)
     return Trajectory(
         system_prompt=system,
         user_text=text,
-        image_paths=[request.image_path],
+        image_paths=[path for path, _, _ in images],
         image_options=config.image_options,
         question=request.question,
     )
@@ -345,6 +367,22 @@ def _run_fallback(backend: Backend, request: RolloutRequest, config: AgentConfig
     return trajectory, answer
 
 
+def _open_session(sandbox: Any, request: RolloutRequest, item_id: str) -> Any:
+    """A sandbox session over every input image (``images=`` only when there are several, so a sandbox that knows
+    only ``image=`` keeps working for single-image questions); the same file given twice is copied once."""
+    if not request.more_images:
+        return sandbox.session(image=request.image_path, item_id=item_id)
+    unique = list(dict.fromkeys(path for path, _, _ in request.input_images))
+    return sandbox.session(images=unique, item_id=item_id)
+
+
+def _prompt_paths(request: RolloutRequest, session: Any) -> list[str]:
+    """The path the session gives the code for each input image, in input order."""
+    unique = list(dict.fromkeys(path for path, _, _ in request.input_images))
+    copies = dict(zip(unique, session.input_paths, strict=True))
+    return [copies[path] for path, _, _ in request.input_images]
+
+
 def run_rollout(backend: Backend, sandbox: Any, request: RolloutRequest, config: AgentConfig) -> Iterator[Event]:
     """Answers one question; yields the events of the module docstring, the last one being :class:`Finished`.
 
@@ -366,8 +404,8 @@ def run_rollout(backend: Backend, sandbox: Any, request: RolloutRequest, config:
     for attempt in range(1, config.max_attempts + 1):
         sampled = config.sampling == "ats" or attempt > 1
         # A fresh session per attempt: no variables leak from a failed attempt (the original reset its context).
-        with sandbox.session(image=request.image_path, item_id=item_id) as session:
-            trajectory = new_trajectory(request, config, prompt_path=session.input_paths[0])
+        with _open_session(sandbox, request, item_id) as session:
+            trajectory = new_trajectory(request, config, prompt_paths=_prompt_paths(request, session))
             trajectory.metadata["attempt"] = attempt
             attempts.append(trajectory)
             yield AttemptStarted(attempt, False, trajectory)
@@ -406,6 +444,7 @@ def _result(answer, trajectory, attempts, reason, fallback, counters, images_dir
 __all__ = [
     "STOP_ANSWER",
     "STOP_BUDGET",
+    "STOP_CONTEXT",
     "STOP_EMPTY",
     "STOP_EOS",
     "STOP_MALFORMED_CODE",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 
 from thyme.protocol import ANSWER_CLOSE, ANSWER_OPEN, IMAGE_PLACEHOLDER, THINK_CLOSE, THINK_OPEN
@@ -25,11 +25,11 @@ YES_NO_INSTRUCTION = " Please answer yes or no."
 VQA_INSTRUCTION = "\nPlease try to answer the question with short words or phrases if possible."
 _CJK_RE = re.compile("[\u4e00-\u9fff]")
 
+_IMAGE_LINES = '### User Image Path:** "{path}"\n' + '### User Image Size:** "{size}"\n'
 _USER_TEMPLATE = (
     IMAGE_PLACEHOLDER
     + "\n{question}\n\n"
-    + '### User Image Path:** "{path}"\n'
-    + '### User Image Size:** "{size}"\n\n'
+    + "{image_lines}\n"
     + "### **Output Format (strict adherence required):**\n\n"
     + f"{THINK_OPEN}Your detailed reasoning process, including any code, should go here.{THINK_CLOSE}\n"
     + f"{ANSWER_OPEN}Your final answer to the user's question goes here.{ANSWER_CLOSE}\n"
@@ -67,7 +67,33 @@ def user_prompt(question: str, image_path: str, width: int | None, height: int |
         >>> user_prompt("What is the color of the car?", "/tmp/ex.jpg", 640, 480).splitlines()[:2]
         ['<image>', 'What is the color of the car?']
     """
-    return _USER_TEMPLATE.format(question=question, path=image_path, size=image_size_text(width, height))
+    return user_prompt_images(question, [(image_path, width, height)])
+
+
+def user_prompt_images(question: str, images: Sequence[tuple[str, int | None, int | None]]) -> str:
+    """The user turn text for one or several input images: the official template, with the path and size lines
+    repeated once per image, in input order.
+
+    The released weights never saw several input images with this template (their SFT and RL rows carry one input,
+    ``images[0]``; VLMEvalKit's MMMU prompt puts all images first and the template names one path). Repeating the two
+    lines the model was trained on keeps every line in distribution and tells the code where each image is; with
+    one image the text is byte-identical to :func:`user_prompt`. The image items themselves all come before the
+    text (as VLMEvalKit's MMMU prompt did), so the leading ``<image>`` still stands for the vision blocks.
+
+    Args:
+        question (`str`): the (already benchmark-formatted) question.
+        images (`Sequence[tuple[str, int | None, int | None]]`): ``(path, width, height)`` per image; the path as
+            the sandbox receives it, the size ORIGINAL (None: "Unable to determine").
+
+    Example:
+        >>> text = user_prompt_images("Same car?", [("/a.jpg", 640, 480), ("/b.jpg", 320, 240)])
+        >>> [line for line in text.splitlines() if line.startswith("### User")][2]
+        '### User Image Path:** "/b.jpg"'
+    """
+    if not images:
+        raise ValueError("user_prompt_images needs at least one image")
+    lines = "".join(_IMAGE_LINES.format(path=path, size=image_size_text(w, h)) for path, w, h in images)
+    return _USER_TEMPLATE.format(question=question, image_lines=lines)
 
 
 def user_text_item(prompt: str, *, eval_image_quirk: bool = False) -> str:
@@ -132,5 +158,6 @@ __all__ = [
     "format_yes_no",
     "image_size_text",
     "user_prompt",
+    "user_prompt_images",
     "user_text_item",
 ]

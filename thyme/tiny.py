@@ -60,6 +60,8 @@ QWEN_ADDED_TOKENS = (
     "<|file_sep|>",
 )
 TINY_VOCAB_SIZE = 1024
+# Written into the checkpoint folder by build_tiny_model: what was built, so a second build of the same can be skipped.
+TINY_MARKER = "thyme_tiny_model.json"
 
 # Smart-resize bounds saved in the tiny checkpoint: 64x64 px is 4 image tokens, 256x256 px is 81.
 TINY_MIN_PIXELS = 28 * 28
@@ -154,6 +156,9 @@ def build_tiny_model(
     output = Path(output_dir)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{output} is a file, not a directory: choose a directory for the tiny model")
+    if not overwrite and is_same_tiny_model(output, seed=seed, model_type=model_type, head_dim=head_dim):
+        logger.info("%s already holds the tiny %s with seed %d: kept as it is", output, model_type, seed)
+        return output
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ConfigError(f"{output} is not empty: choose a new directory, or allow overwriting (--overwrite)")
     output.mkdir(parents=True, exist_ok=True)
@@ -167,10 +172,24 @@ def build_tiny_model(
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     build_tiny_image_processor(patch_size=config.vision_config.patch_size).save_pretrained(output)
+    # Written last: a build that was interrupted leaves no marker, so it is never mistaken for a finished one.
+    built = {"seed": seed, "model_type": model_type, "head_dim": head_dim}
+    (output / TINY_MARKER).write_text(json.dumps(built) + "\n", encoding="utf-8")
     logger.info(
         "tiny %s (head_dim %d) written to %s (%d parameters)", model_type, head_dim, output, model.num_parameters()
     )
     return output
+
+
+def is_same_tiny_model(output_dir: str | Path, *, seed: int, model_type: str, head_dim: int = 16) -> bool:
+    """Whether ``output_dir`` already holds a finished tiny model of this seed and type (which is deterministic), so
+    that running ``thyme tiny-model DIR`` again, as a README block does, keeps it instead of failing."""
+    marker = Path(output_dir) / TINY_MARKER
+    try:
+        built = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return built == {"seed": seed, "model_type": model_type, "head_dim": head_dim}
 
 
 def _model_config(model_type: str, tokenizer, head_dim: int = 16):  # -> transformers.PreTrainedConfig
@@ -254,10 +273,19 @@ def build_tiny_image_processor(patch_size: int = 14):  # -> Qwen2VLImageProcesso
 
 
 def _training_corpus() -> list[str]:
-    """Thyme text shipped in the package: the system prompt and the README trajectory, plus digits and words."""
+    """Thyme text shipped in the package: the system prompt and the README trajectory, plus digits and words.
+
+    The trajectory is also given as one assistant message with its sandbox output, as SFT data and inference
+    render it, so the tokenizer learns the merges the real Qwen2 tokenizer has where a stop string meets what
+    follows it (``>\n`` after ``<code>``, ``><`` in ``</code><sandbox_output>``, ``</``): tests of the trainer's
+    stop boundaries need tokens that run past a stop string.
+    """
     data = resources.files("thyme") / "data"
     example = json.loads((data / "examples" / "readme_17127.json").read_text(encoding="utf-8"))
     texts = [(data / "system_prompt.txt").read_text(encoding="utf-8"), example["question"], example["code"]]
     texts += list(example["segments"])
     texts.append(" ".join(str(number) for number in range(2000)))
-    return texts * 4
+    first, *rest = example["segments"]
+    output = "<sandbox_output>/mnt/data/temp_processed_images/17127_crop.jpg</sandbox_output>"
+    response = first + output + "".join(rest)
+    return texts * 4 + [response] * 8

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,33 @@ def read_config_values(path: Path, overrides: Sequence[str]) -> dict[str, Any]:
     return values
 
 
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def check_value_types(values: dict[str, Any], dataclass_types: Sequence[type], source: Path) -> None:
+    """Refuses a value of the wrong type for a boolean or numeric key (``--override max_steps=abc``) with one line,
+    before TRL meets it as a raw ``TypeError`` deep in training. Keys that also take text or structures pass.
+
+    Raises:
+        ConfigError: names the key, the value and the type it needs.
+    """
+    hints: dict[str, Any] = {}
+    for cls in dataclass_types:
+        hints.update(typing.get_type_hints(cls))
+    for key, value in values.items():
+        kinds = set(typing.get_args(hints.get(key))) or {hints.get(key)}
+        kinds.discard(type(None))
+        if value is None or not kinds or not kinds <= set(_KIND_WORDS):
+            continue
+        is_bool = isinstance(value, bool)
+        if (bool in kinds and is_bool) or (not is_bool and isinstance(value, tuple(kinds - {bool}))):
+            continue
+        if float in kinds and isinstance(value, int) and not is_bool:
+            continue
+        expected = " or ".join(word for kind, word in _KIND_WORDS.items() if kind in kinds)
+        raise ConfigError(f"{source}: {key}={value!r} is not {expected} (e.g. --override {key}=...)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The ``thyme-train`` argument parser (the YAML keys are documented in docs/train.md)."""
     parser = argparse.ArgumentParser(
@@ -95,14 +123,17 @@ def parse_config(argv: Sequence[str] | None) -> tuple[RLDataArguments, Any, Any]
     from trl import ModelConfig
 
     from thyme.train.config import ThymeGRPOConfig
+    from thyme.train.sft import coerce_numbers
 
     args = make_parser().parse_args(argv)
-    values = read_config_values(args.config, args.override)
-    parser = HfArgumentParser((RLDataArguments, ThymeGRPOConfig, ModelConfig))
+    types = (RLDataArguments, ThymeGRPOConfig, ModelConfig)
+    values = coerce_numbers(read_config_values(args.config, args.override), types)
+    parser = HfArgumentParser(types)
     known = {name for cls in parser.dataclass_types for name in cls.__dataclass_fields__}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{args.config}: unknown key(s) {unknown}; the keys are listed in docs/train.md")
+    check_value_types(values, types, args.config)
     try:
         data_args, config, model_config = parser.parse_dict(values)
     except (TypeError, ValueError) as exc:

@@ -15,7 +15,7 @@ learning_rate                    5e-7            5e-7, cosine_with_min_lr (min_l
 beta                             0.01            0.01 (the paper says KL 0.001)
 loss_type                        grpo            swift's grpo (mean per sequence, then over sequences)
 temperature/top_p/top_k          1.0/0.9/50      prose sampling; code spans greedy (ATS)
-repetition_penalty               1.05            1.05, also applied to the greedy code span
+repetition_penalty               1.05            1.05, also on the greedy code span (here: prose only)
 max_generation_calls             5               GEN_ITER_LIMIT=5 (at most 2 executed code blocks + answer)
 max_new_tokens_per_call          3196            max_completion_length 3196 (per call)
 max_pixels                       2408448         max_pixels 2408448
@@ -76,11 +76,29 @@ class ThymeGRPOConfig(GRPOConfig):
     top_p: float = field(default=0.9, metadata={"help": "Prose nucleus sampling (original: 0.9)."})
     top_k: int = field(default=50, metadata={"help": "Prose top-k sampling, 0 = off (original: 50)."})
     repetition_penalty: float = field(
-        default=1.05, metadata={"help": "Repetition penalty for prose and code (original: 1.05)."}
+        default=1.05,
+        metadata={
+            "help": "Repetition penalty of sampled prose (original: 1.05). The greedy code span gets none (the loop's "
+            "greedy calls, as in inference; the original's vLLM also penalised code); with ats=false code is "
+            "sampled with it."
+        },
     )
     max_completion_length: int | None = field(
         default=10240,
         metadata={"help": "Token cap on the whole completion (model + sandbox tokens); longer ones are truncated."},
+    )
+
+    # Groups whose rollouts all got the same reward (zero advantage; DAPO's dynamic sampling).
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop groups whose rollouts all got the same reward and roll out fresh prompts until the batch is "
+            "full (DAPO). Worth it when thyme/zero_std_groups stays high; each refill costs a full generation batch."
+        },
+    )
+    dynamic_sampling_max_refills: int = field(
+        default=3,
+        metadata={"help": "Fresh generation batches at most per step; remaining places keep zero-spread groups."},
     )
 
     # Rollout.
@@ -190,6 +208,8 @@ class ThymeGRPOConfig(GRPOConfig):
             raise ConfigError("sandbox_timeout_s must be > 0 and sandbox_workers >= 1")
         if min(self.accuracy_weight, self.consistency_weight, self.format_weight) < 0:
             raise ConfigError("reward weights (accuracy_weight, consistency_weight, format_weight) must be >= 0")
+        if self.dynamic_sampling_max_refills < 0:
+            raise ConfigError(f"dynamic_sampling_max_refills ({self.dynamic_sampling_max_refills}) must be >= 0")
         if self.judge_max_tries < 1:
             raise ConfigError(f"judge_max_tries ({self.judge_max_tries}) must be >= 1")
         if self.use_vllm and self.vllm_mode not in VLLM_MODES:

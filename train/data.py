@@ -40,15 +40,58 @@ _TEMPLATE_TAIL = "\n\n### User Image Path:**"
 MAX_LISTED_MISSING = 20
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_located_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of one file, each with where it is (``FILE:LINE`` for JSONL, ``FILE row N`` for a JSON list), so
+    that every later error names the line an editor shows."""
     text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(
+                    f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON "
+                    "object"
+                ) from exc
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((f"{path}:{number}", row))
+        return rows
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc}); expected Thyme-RL JSON or JSONL rows") from exc
-    return data if isinstance(data, list) else [data]
+        raise ConfigError(
+            f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); a .json file holds a list of "
+            "rows or one row"
+        ) from exc
+    data = data if isinstance(data, list) else [data]
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path} row {index}: expected a JSON object, got {type(row).__name__}")
+    return [(f"{path} row {index}", row) for index, row in enumerate(data)]
+
+
+def read_located_rows(
+    source: str | Path, split: str = "train"
+) -> tuple[list[tuple[str, dict[str, Any]]], Path | None]:
+    """Like :func:`read_rows`, with each row's location (``FILE:LINE``) for error messages."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
+        if not files:
+            raise ConfigError(f"{path}: no {'/'.join(DATA_SUFFIXES)} files in this folder")
+        return [located for file in files for located in _read_located_rows(file)], path
+    if path.is_file():
+        return _read_located_rows(path), path.parent
+    if path.suffix in DATA_SUFFIXES:
+        raise ConfigError(f"dataset file {path} does not exist")
+    from datasets import load_dataset
+
+    rows = load_dataset(str(source), split=split)
+    return [(f"{source} row {index}", dict(row)) for index, row in enumerate(rows)], None
 
 
 def read_rows(source: str | Path, split: str = "train") -> tuple[list[dict[str, Any]], Path | None]:
@@ -59,21 +102,10 @@ def read_rows(source: str | Path, split: str = "train") -> tuple[list[dict[str, 
         (None for a hub dataset).
 
     Raises:
-        ConfigError: the path holds no data file, or a file is not JSON.
+        ConfigError: the path holds no data file, or a file is not JSON (the error names the line).
     """
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
-        if not files:
-            raise ConfigError(f"{path}: no {'/'.join(DATA_SUFFIXES)} files in this folder")
-        return [row for file in files for row in _read_rows(file)], path
-    if path.is_file():
-        return _read_rows(path), path.parent
-    if path.suffix in DATA_SUFFIXES:
-        raise ConfigError(f"dataset file {path} does not exist")
-    from datasets import load_dataset
-
-    return [dict(row) for row in load_dataset(str(source), split=split)], None
+    located, folder = read_located_rows(source, split)
+    return [row for _, row in located], folder
 
 
 def _image_of(row: dict[str, Any], where: str) -> str:
@@ -178,11 +210,11 @@ def load_rl_dataset(
     """
     from datasets import Dataset
 
-    raw, folder = read_rows(source, split)
+    located, folder = read_located_rows(source, split)
     root = Path(image_root) if image_root is not None else folder
-    if not raw:
+    if not located:
         raise ConfigError(f"{source}: the dataset is empty")
-    rows = [to_trl_row(row, f"{source} row {index}", root) for index, row in enumerate(raw)]
+    rows = [to_trl_row(row, where, root) for where, row in located]
     check_images(rows)
     logger.info("loaded %d RL rows from %s", len(rows), source)
     return Dataset.from_list(rows)

@@ -17,15 +17,12 @@ consistency is not scored (None, which TRL leaves out of the sum).
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from thyme.evaluation.matching import match_option, match_short_answer
+from thyme.judge import Judge
 from thyme.protocol import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
@@ -37,8 +34,6 @@ from thyme.protocol import (
     extract_answer,
 )
 
-logger = logging.getLogger(__name__)
-
 RewardFunc = Callable[..., list[float | None]]
 
 # The original judged consistency on the last 500 characters of the reasoning (agent_rm.py CSTORM).
@@ -47,7 +42,6 @@ NUMBER_REL_TOLERANCE = 1e-4
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.+?)\s*$", re.MULTILINE)
 _LETTER_SOLUTION = re.compile(r"^\s*\(?([A-Z])\)?\.?\s*$")
 _NUMBER = re.compile(r"^[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
-_JSON_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
 _SANDBOX_BLOCK = re.compile(re.escape(SANDBOX_OUTPUT_OPEN) + r".*?" + re.escape(SANDBOX_OUTPUT_CLOSE), re.DOTALL)
 # The strict format check of agent_rm.py format_check: one </think>, exactly ONE whitespace character, then the answer
 # at the very end; </think><answer> and </think>\n\n<answer> both fail.
@@ -140,73 +134,6 @@ def reasoning_tail(text: str, chars: int = CONSISTENCY_CONTEXT_CHARS) -> str:
     reasoning = text.split(THINK_CLOSE, 1)[0].replace(THINK_OPEN, "")
     reasoning = _SANDBOX_BLOCK.sub("", reasoning).replace(IMAGE_PLACEHOLDER, "")
     return reasoning[-chars:].strip()
-
-
-@dataclass
-class Judge:
-    """An LLM judge behind any OpenAI-compatible chat endpoint (vLLM, SGLang, ...), asked for one JSON flag.
-
-    Args:
-        base_url: endpoint base URL, e.g. ``http://localhost:8000/v1``.
-        model: the served model name.
-        api_key: sent as the bearer token (``"EMPTY"`` for an open vLLM server).
-        timeout_s: per-request timeout.
-        max_tries: tries per question; a question never answered with parseable JSON counts as 0, as the original.
-        max_concurrency: questions of one batch asked at once (a vLLM judge batches them).
-    """
-
-    base_url: str
-    model: str
-    api_key: str = "EMPTY"
-    timeout_s: float = 60.0
-    max_tries: int = 3
-    temperature: float = 0.1
-    max_tokens: int = 256
-    max_concurrency: int = 16
-
-    def __post_init__(self) -> None:
-        from openai import OpenAI
-
-        self._client = OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0)
-
-    def flag(self, prompt: str, key: str) -> float:
-        """Asks ``prompt`` and returns the 0/1 value of ``key`` in the JSON reply (0.0 when no try parses)."""
-        from openai import OpenAIError
-
-        for attempt in range(1, self.max_tries + 1):
-            try:
-                reply = self._client.chat.completions.create(
-                    model=self.model,
-                    messages=[{"role": "user", "content": prompt}],
-                    temperature=self.temperature,
-                    max_tokens=self.max_tokens,
-                )
-            except OpenAIError as exc:
-                logger.warning("judge %s try %d/%d failed: %s", self.base_url, attempt, self.max_tries, exc)
-                continue
-            value = _parse_flag(reply.choices[0].message.content or "", key)
-            if value is not None:
-                return value
-            logger.warning("judge reply without a parseable %r (try %d/%d)", key, attempt, self.max_tries)
-        return 0.0
-
-    def flags(self, prompts: Sequence[str], key: str) -> list[float]:
-        """:meth:`flag` for many prompts, ``max_concurrency`` at a time; results in prompt order."""
-        if len(prompts) <= 1:
-            return [self.flag(prompt, key) for prompt in prompts]
-        with ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="thyme-judge") as pool:
-            return list(pool.map(lambda prompt: self.flag(prompt, key), prompts))
-
-
-def _parse_flag(reply: str, key: str) -> float | None:
-    for candidate in _JSON_OBJECT.findall(reply):
-        try:
-            data = json.loads(candidate)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(data, dict) and data.get(key) in (0, 1, "0", "1"):
-            return float(int(data[key]))
-    return None
 
 
 def _column(kwargs: dict[str, Any], name: str, size: int) -> list[str]:

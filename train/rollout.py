@@ -70,10 +70,7 @@ class RolloutSample:
     @property
     def truncated(self) -> bool:
         """Cut short: budget used up, a repetition loop, or the last call hit its token cap without an answer."""
-        if self.stop_reason in TRUNCATED_STOPS:
-            return True
-        generations = self.trajectory.generations if self.trajectory is not None else []
-        return self.stop_reason != STOP_ANSWER and bool(generations) and generations[-1].finish_reason == FINISH_LENGTH
+        return self.trajectory is not None and _is_cut_short(self.stop_reason, self.trajectory)
 
 
 class _TimedSession:
@@ -83,6 +80,7 @@ class _TimedSession:
         self._session = session
         self._clock = clock
         self.scratch_dir = session.scratch_dir
+        self.results_dir = getattr(session, "results_dir", session.scratch_dir)
         self.input_paths = session.input_paths
 
     def run(self, code: str) -> Any:
@@ -116,6 +114,13 @@ class _TimedSandbox:
         return _TimedSession(session, self.wait_s)
 
 
+def _is_cut_short(stop_reason: str, trajectory: Trajectory) -> bool:
+    if stop_reason in TRUNCATED_STOPS:
+        return True
+    generations = trajectory.generations
+    return stop_reason != STOP_ANSWER and bool(generations) and generations[-1].finish_reason == FINISH_LENGTH
+
+
 def _finished(events) -> Any:
     for event in events:
         if isinstance(event, Finished):
@@ -136,7 +141,8 @@ def run_one(request: RolloutRequest, backend: PolicyBackend, sandbox: Any, confi
     start = time.perf_counter()
     try:
         result = _finished(run_rollout(backend, timed, request, config))
-        tokens = backend.finish(answered=result.stop_reason == STOP_ANSWER)
+        truncated = _is_cut_short(result.stop_reason, result.trajectory)
+        tokens = backend.finish(answered=result.stop_reason == STOP_ANSWER, truncated=truncated)
     except (ThymeError, SandboxError, OSError) as exc:
         logger.warning("rollout of %s failed: %s", request.item_id or request.image_path, exc)
         if backend.tokens is None:

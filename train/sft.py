@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peft import PeftModel
 from trl import ModelConfig, SFTConfig, SFTTrainer
 
 from thyme.errors import ConfigError, ThymeError
+from thyme.train.checkpoint import QwenVLResumeMixin
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -138,7 +138,7 @@ def parse_config(argv: Sequence[str] | None) -> tuple[ThymeSFTConfig, ModelConfi
     """
     from transformers import HfArgumentParser
 
-    from thyme.train.cli import read_config_values
+    from thyme.train.cli import check_value_types, read_config_values
 
     parser = argparse.ArgumentParser(prog="thyme-train sft", description="Supervised fine-tuning of a Thyme model.")
     parser.add_argument("config", type=Path, help="YAML file with ThymeSFTConfig and ModelConfig keys (docs/sft.md)")
@@ -152,6 +152,7 @@ def parse_config(argv: Sequence[str] | None) -> tuple[ThymeSFTConfig, ModelConfi
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{args.config}: unknown key(s) {unknown}; the keys are listed in docs/sft.md")
+    check_value_types(values, (ThymeSFTConfig, ModelConfig), args.config)
     try:
         sft_config, model_config = hf_parser.parse_dict(values)
     except (TypeError, ValueError) as exc:
@@ -204,18 +205,20 @@ def load_sft_dataset(config: ThymeSFTConfig) -> Dataset:
     """
     from datasets import Dataset
 
-    from thyme.train.data import check_images, read_rows
+    from thyme.train.data import check_images, read_located_rows
     from thyme.train.sft_data import SFT_COLUMNS
 
-    raw, folder = read_rows(config.train_file, config.train_split)
-    if not raw:
+    located, folder = read_located_rows(config.train_file, config.train_split)
+    if not located:
         raise ConfigError(f"{config.train_file}: the dataset is empty")
     root = Path(config.image_root) if config.image_root is not None else folder
     rows = []
-    for index, row in enumerate(raw):
+    for where, row in located:
         missing = [column for column in SFT_COLUMNS if column not in row]
         if missing:
-            raise ConfigError(f"{config.train_file} row {index}: no {missing}; SFT rows need {list(SFT_COLUMNS)}")
+            raise ConfigError(
+                f"{where}: no {missing}; SFT rows need {list(SFT_COLUMNS)} (`thyme data convert` makes them)"
+            )
         images = [_absolute(str(path), root) for path in (row["image"] or [])]
         rows.append({"image": images, "question": str(row["question"]), "response": str(row["response"])})
     check_images([{"image": path} for row in rows for path in row["image"]])
@@ -267,31 +270,9 @@ def peft_config_for(config: ThymeSFTConfig, model_config: ModelConfig) -> PeftCo
     return peft_config
 
 
-def _full_model_checkpoint(folder: str) -> bool:
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-
-    return any((Path(folder) / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
-
-
-class ThymeSFTTrainer(SFTTrainer):
-    """TRL's ``SFTTrainer`` with checkpoint resume fixed for Qwen-VL models; nothing else is overridden.
-
-    transformers saves Qwen2.5-VL checkpoints in the original key layout (``model.layers.*``, ``visual.*``) but
-    ``Trainer._load_from_checkpoint`` loads them with a plain ``load_state_dict`` into the renamed modules
-    (``model.language_model.*``, ``model.visual.*``): every key misses, a warning is logged, and training "resumes"
-    from the un-restored weights (huggingface/transformers#43701, open for transformers 5.24). The override loads
-    full-model checkpoints through ``from_pretrained``, which applies the key conversion; LoRA adapters, DeepSpeed and
-    FSDP checkpoints keep the stock path (they are not affected).
-    """
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        model = self.model if model is None else model
-        if isinstance(model, PeftModel) or not _full_model_checkpoint(resume_from_checkpoint):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            return
-        logger.info("loading model weights from %s (with the checkpoint key conversion)", resume_from_checkpoint)
-        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
-        model.load_state_dict(saved.state_dict(), strict=True)
+class ThymeSFTTrainer(QwenVLResumeMixin, SFTTrainer):
+    """TRL's ``SFTTrainer`` with checkpoint resume fixed for Qwen-VL models (:mod:`thyme.train.checkpoint`, shared
+    with the RL trainer); nothing else is overridden."""
 
 
 def train(config: ThymeSFTConfig, model_config: ModelConfig) -> Path:

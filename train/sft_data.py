@@ -273,7 +273,7 @@ def iter_rows(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path} line {number}: not valid JSON ({exc})") from exc
+                raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
 
 
 def convert_files(

@@ -14,7 +14,12 @@ Built against trl==1.16.0 exactly (pinned in pyproject): the hooks below are pri
   from the full prompt+completion ids. That branch is keyed on ``self.tools``, so ``self.tools`` names the sandbox
   for the duration of one step.
 - ``_generate_and_score_completions``: keeps the batch's rows (image path, question) for the rollout, and restores
-  ``self.tools`` afterwards.
+  ``self.tools`` afterwards; with ``dynamic_sampling`` it drops groups whose rewards are all equal and rolls out
+  fresh prompts until the batch is full (:mod:`thyme.train.dynamic_sampling`).
+- ``_calculate_rewards``: TRL's, plus the per-step shares of groups with zero reward spread (``thyme/zero_std_*``).
+- ``_load_from_checkpoint`` (:class:`~thyme.train.checkpoint.QwenVLResumeMixin`, shared with the SFT trainer): resume
+  restores the checkpoint's weights, which transformers' own loader silently misses for Qwen-VL models;
+  ``_get_train_sampler``: TRL's sampler, seeded per epoch, so a resumed run sees the prompts an uninterrupted one sees.
 - ``use_vllm``: TRL would start its own engine in ``__init__`` (processed log-probs, no image limits); the flag is
   held off while TRL initialises and the engine is set up by :mod:`thyme.train.vllm_sync` (colocate) or TRL's
   server client (server) instead, so TRL's weight sync call in ``_generate`` and its importance-sampling
@@ -41,12 +46,14 @@ from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from thyme.backends.processor import load_processor, set_pixel_limits
-from thyme.backends.scripted import ScriptedBackend, load_script
+from thyme.backends.scripted import ScriptedBackend
 from thyme.config import AgentConfig
 from thyme.errors import ConfigError
 from thyme.images import read_image_size
 from thyme.loop import RolloutRequest
+from thyme.train.checkpoint import EpochSeededRepeatSampler, QwenVLResumeMixin
 from thyme.train.config import ThymeGRPOConfig
+from thyme.train.dynamic_sampling import GroupSpread, join_batches, select_groups
 from thyme.train.policy import PolicyBackend
 from thyme.train.rewards import Judge, make_thyme_rewards, thyme_reward_weights
 from thyme.train.rollout import (
@@ -57,6 +64,7 @@ from thyme.train.rollout import (
     run_batch,
     sandbox_outcomes,
 )
+from thyme.train.rollout_script import RolloutScript
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +82,7 @@ def _thyme_rollout(prompts: list, trainer: ThymeGRPOTrainer) -> dict[str, Any]:
     return trainer.thyme_rollout(prompts)
 
 
-class ThymeGRPOTrainer(GRPOTrainer):
+class ThymeGRPOTrainer(QwenVLResumeMixin, GRPOTrainer):
     """GRPO with Thyme's rollouts: code written by the policy runs in the sandbox and its images enter the loss.
 
     Args:
@@ -87,8 +95,9 @@ class ThymeGRPOTrainer(GRPOTrainer):
         processing_class: the processor; default: :func:`~thyme.backends.processor.load_processor` of the model.
         sandbox: a ``thyme.sandbox.Sandbox`` (or remote pool); default: one started on first use with
             ``args.sandbox_timeout_s`` (``args.sandbox_url`` for a remote pool).
-        rollout_script: a JSON script (see :func:`thyme.backends.scripted.load_script`) whose model text every
-            rollout replays while the policy only scores it: dry runs and tests. None = the policy generates.
+        rollout_script: a JSON script of recorded model text the rollouts replay while the policy only scores it
+            (dry runs and tests): one trajectory for all, or several per prompt (:mod:`thyme.train.rollout_script`).
+            None = the policy generates.
         vllm_llm: with ``use_vllm`` and ``vllm_mode="colocate"``, an already started ``vllm.LLM``
             (:func:`thyme.train.vllm_sync.start_colocate_llm`) to use instead of starting one: several trainers in
             one process share an engine (tests, notebooks). Its weights are replaced at the first step.
@@ -144,13 +153,14 @@ class ThymeGRPOTrainer(GRPOTrainer):
         self.rollout_func = _thyme_rollout
         self._sandbox = sandbox
         self._owns_sandbox = sandbox is None
-        self._script = load_script(rollout_script) if rollout_script is not None else None
+        self._script = RolloutScript(rollout_script) if rollout_script is not None else None
         self._model_lock = threading.Lock()
         self._health = SandboxHealth(
             args.max_sandbox_error_rate, args.sandbox_error_window, args.sandbox_error_min_blocks
         )
         self._batch_rows: list[dict] = []
         self._rollout_images: list[list] = []
+        self._spread: GroupSpread | None = None
         self.loop_config = self._make_loop_config(args)
 
     @staticmethod
@@ -195,14 +205,84 @@ class ThymeGRPOTrainer(GRPOTrainer):
             self._sandbox = None
 
     # ----- TRL hooks ----------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, dataset: Any = None) -> EpochSeededRepeatSampler:
+        sampler = super()._get_train_sampler(dataset)
+        sampler.__class__ = EpochSeededRepeatSampler  # same state; adds set_epoch
+        return sampler
+
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, Any]:
-        self._batch_rows = inputs
         tools = self.tools
         try:
+            if self.args.dynamic_sampling and self.model.training:
+                return self._dynamic_sampling(inputs, tools)
+            self._batch_rows = inputs
             return super()._generate_and_score_completions(inputs)
         finally:
             self.tools = tools
             self._rollout_images = []
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        mode = "train" if self.model.training else "eval"
+        generations = self.num_generations if mode == "train" else self.num_generations_eval
+        if rewards.numel() % generations == 0:
+            self._spread = GroupSpread.of(rewards, generations)  # every process's groups (rewards are gathered)
+            for name, value in self._spread.metrics().items():
+                self._metrics[mode][f"thyme/{name}"].append(value)
+        return rewards_per_func
+
+    def _dynamic_sampling(self, inputs: list[dict], tools: Any) -> dict[str, Any]:
+        """DAPO's dynamic sampling: keeps the groups whose rewards differ, and rolls out a fresh batch of prompts
+        (the same size on every process, so TRL's collectives line up) until the batch is full or
+        ``dynamic_sampling_max_refills`` refills ran; the last places go to zero-spread groups (zero advantage)."""
+        args: ThymeGRPOConfig = self.args
+        generations = self.num_generations
+        if len(inputs) % generations:
+            raise ConfigError(
+                f"dynamic_sampling needs whole groups on every process: the per-process generation batch "
+                f"({len(inputs)}) must be a multiple of num_generations ({generations})"
+            )
+        wanted = len(inputs) // generations
+        kept: list[dict[str, Any]] = []
+        spare: list[dict[str, Any]] = []
+        have, rows, refills = 0, inputs, 0
+        while True:
+            self.tools, self._batch_rows = tools, rows
+            batch = super()._generate_and_score_completions(rows)
+            first = self.accelerator.process_index * wanted
+            zero = self._spread.zero_std[first : first + wanted]
+            useful = [group for group, flat in enumerate(zero) if not flat][: wanted - have]
+            kept.append(select_groups(batch, useful, generations))
+            have += len(useful)
+            if not spare:
+                spare.append(select_groups(batch, [g for g, flat in enumerate(zero) if flat], generations))
+            missing = torch.tensor([wanted - have], device=self.accelerator.device)
+            if int(self.accelerator.gather(missing).max()) == 0 or refills == args.dynamic_sampling_max_refills:
+                break
+            refills += 1
+            rows = self._fresh_rows(wanted, refills)
+        if have < wanted:
+            kept.append({key: value[: (wanted - have) * generations] for key, value in spare[0].items()})
+        # Into this step's metrics directly (TRL's log_metric would flush them with the next generation batch).
+        self._metrics["train"]["thyme/dynamic_sampling_refills"].append(float(refills))
+        self._metrics["train"]["thyme/dynamic_sampling_unfilled"].append((wanted - have) / wanted)
+        tokenizer = self.processing_class.tokenizer
+        image_token = tokenizer.convert_tokens_to_ids(self.processing_class.image_token)
+        joined = join_batches(kept, tokenizer.pad_token_id, image_token)
+        loss_mask = joined["completion_mask"] * joined.get("tool_mask", 1)
+        joined["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        return joined
+
+    def _fresh_rows(self, groups: int, refill: int) -> list[dict]:
+        """``groups`` prompts drawn from the training set (each repeated num_generations times), seeded by the seed,
+        step, refill round and process, so a run is reproducible."""
+        key = hash((self.args.seed, self.state.global_step, refill, self.accelerator.process_index))
+        generator = torch.Generator().manual_seed(key & 0x7FFF_FFFF)
+        picks = torch.randint(len(self.train_dataset), (groups,), generator=generator).tolist()
+        return [self.train_dataset[index] for index in picks for _ in range(self.num_generations)]
 
     def _generate(self, prompts: list):
         prompt_ids, completion_ids, tool_mask, completions, logprobs, extra, _, _ = super()._generate(prompts)
@@ -241,9 +321,10 @@ class ThymeGRPOTrainer(GRPOTrainer):
         on_vllm = self._vllm_engine is not None
         with RolloutImagesDir() as images_dir, self._generation_model(on_vllm) as model:
             requests = self._requests(images_dir)
+            scripts = self._script.assign([r.item_id for r in requests]) if self._script is not None else None
             samples = run_batch(
                 requests,
-                lambda index: self._backend(model),
+                lambda index: self._backend(model, scripts[index] if scripts is not None else None),
                 self.sandbox,
                 self.loop_config,
                 # On vLLM every rollout of the batch is in flight at once: the engine batches their calls.
@@ -287,11 +368,11 @@ class ThymeGRPOTrainer(GRPOTrainer):
         ):
             yield model
 
-    def _backend(self, model: Any) -> PolicyBackend:
+    def _backend(self, model: Any, segments: list[str] | None = None) -> PolicyBackend:
         override = None if self.args.ats else self.loop_config.prose_sampling()
         options = {
             "lock": self._model_lock,
-            "script": ScriptedBackend(self._script) if self._script is not None else None,
+            "script": ScriptedBackend(segments) if segments is not None else None,
             "max_completion_tokens": self.args.max_completion_length,
             "sampling_override": override,
         }

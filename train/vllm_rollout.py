@@ -197,17 +197,29 @@ class VLLMPolicyBackend(PolicyBackend):
             prompt["multi_modal_data"] = {"image": list(tokens.images)}
         return prompt
 
-    def _sample(self, stop, sampling: SamplingParams, budget: int) -> tuple[list[int], list[float], str, str]:
+    def _sample(self, stop, sampling: SamplingParams, budget: int):
         tokens = self.tokens
         expected = tokens.prompt_ids + tokens.completion_ids
         params = vllm_sampling_params(sampling, stop, budget, self._suppress)
         output = self._engine.generate(self._request(), params)
         check_expansion(list(output.prompt_token_ids), expected, self._pad_id)
         completion = output.outputs[0]
-        return _completion_fields(completion, stop, self._tokenizer, self._lock)
+        new_ids = list(completion.token_ids)
+        if completion.logprobs is None or len(completion.logprobs) != len(new_ids):
+            raise BackendError("the vLLM engine returned no log-prob per sampled token: request logprobs=0")
+        logprobs = [float(entry[token].logprob) for token, entry in zip(new_ids, completion.logprobs, strict=True)]
+        return self._finish_call(new_ids, logprobs, stop, finish_reason(completion))
 
-    def _score_ids(self, ids: list[int]) -> list[float]:
-        """Scores scripted text on the ENGINE: ``ids`` go in as prompt and vLLM returns their prompt log-probs.
+    def _finish_call(self, new_ids: list[int], logprobs: list[float], stop, engine_finish: str):
+        """``_sample``'s result from what the engine returned: the text is decoded and cut at the stop string and the
+        last token left open exactly as :class:`PolicyBackend` does (the engine reports no logits, so a replacement
+        of that token is scored by :meth:`_score`, a prompt-log-prob request)."""
+        text, stopped, last = self._cut_at_stop(new_ids, logprobs, stop)
+        return new_ids, logprobs, text, FINISH_STOP if stopped else engine_finish, last
+
+    def _score(self, ids: list[int]) -> list[float]:
+        """Scores ids appended to the trajectory on the ENGINE: ``ids`` go in as prompt and vLLM returns their prompt
+        log-probs (scripted text, and the tokens that replace an open last token at a stop boundary).
 
         Prompt log-probs are the log-softmax of the raw logits in every ``logprobs_mode``. So a scripted rollout
         (the README example's code and crop) exercises the whole vLLM path of a trajectory: ids and images in the
@@ -242,20 +254,3 @@ def check_expansion(engine_ids: list[int], expected: list[int], pad_id: int) -> 
         f"{expected.count(pad_id)} ({len(engine_ids)} vs {len(expected)} prompt tokens): the engine resizes images "
         "differently; start it with the trainer's min_pixels/max_pixels (mm_processor_kwargs)"
     )
-
-
-def _completion_fields(completion: Any, stop, tokenizer, lock) -> tuple[list[int], list[float], str, str]:
-    """(new ids, their raw log-probs, the text up to and including the stop string, Thyme's finish reason)."""
-    new_ids = list(completion.token_ids)
-    if completion.logprobs is None or len(completion.logprobs) != len(new_ids):
-        raise BackendError("the vLLM engine returned no log-prob per sampled token: request logprobs=0")
-    logprobs = [float(entry[token].logprob) for token, entry in zip(new_ids, completion.logprobs, strict=True)]
-    finish = finish_reason(completion)
-    text = completion.text
-    if text is None:  # engines that skip detokenisation: decode as the transformers path does
-        with lock:
-            text = tokenizer.decode(new_ids, skip_special_tokens=True)
-        hits = [text.find(s) + len(s) for s in stop if s in text]
-        if hits:
-            text = text[: min(hits)]
-    return new_ids, logprobs, text, finish

@@ -128,26 +128,22 @@ def _choice_logprobs(choice: dict, new_ids: list[int]) -> list[float]:
 class VLLMServerPolicyBackend(VLLMPolicyBackend):
     """:class:`~thyme.train.vllm_rollout.VLLMPolicyBackend` whose requests go to a vLLM server over HTTP."""
 
-    def _sample(self, stop, sampling: SamplingParams, budget: int) -> tuple[list[int], list[float], str, str]:
+    def _sample(self, stop, sampling: SamplingParams, budget: int):
         tokens = self.tokens
         ids = tokens.prompt_ids + tokens.completion_ids
         params = server_sampling_params(sampling, stop, budget, self._suppress)
         choice = self._engine.generate(ids, tokens.images, params, self._pad_id)["choices"][0]
         new_ids = [int(token) for token in choice["token_ids"]]
         logprobs = _choice_logprobs(choice, new_ids)
-        with self._lock:
-            text = self._tokenizer.decode(new_ids, skip_special_tokens=True)
         if choice.get("finish_reason") == "length":
             finish = FINISH_LENGTH
         elif isinstance(choice.get("stop_reason"), str):
             finish = FINISH_STOP
-            hits = [text.find(s) + len(s) for s in stop if s in text]
-            text = text[: min(hits)] if hits else text
         else:
             finish = FINISH_EOS
-        return new_ids, logprobs, text, finish
+        return self._finish_call(new_ids, logprobs, stop, finish)
 
-    def _score_ids(self, ids: list[int]) -> list[float]:
+    def _score(self, ids: list[int]) -> list[float]:
         tokens = self.tokens
         full = tokens.prompt_ids + tokens.completion_ids + list(ids)
         params = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0, "output_kind": 2}

@@ -1,6 +1,7 @@
 """The Thyme demo: a Gradio chat that shows the model reasoning, writing code, getting its crops back and answering.
 
-``import thyme.ui`` stays light: Gradio is imported on first use of :func:`build_demo` (``pip install 'thyme[ui]'``).
+``import thyme.ui`` stays light: Gradio is imported on first use of :func:`build_demo`
+(``pip install 'thyme-vlm[ui]'``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ opens the input again. The chat is always re-rendered from the per-tab :class:`C
 runs in its own sandbox session(s) (the loop opens them) and keeps its images in its own folder under the tab's
 work directory, which is removed when the tab's session ends.
 
-Follow-up questions reuse the conversation's image. The released weights were trained on single questions, so a
+Several images can be uploaded with one question (the model sees them all, the code gets every path); follow-up
+questions reuse the conversation's image(s). The released weights were trained on single questions, so a
 follow-up is a new trajectory whose question carries the earlier questions and answers as a short preamble.
 """
 
@@ -60,8 +61,8 @@ class Turn:
     """One question of a conversation and what the chat shows for it."""
 
     question: str
-    new_image: str | None = None  # the file attached with this question, shown as a user message
-    image_accepted: bool = False  # the file is an image and became the conversation's image
+    new_images: list[str] = field(default_factory=list)  # the files attached with this question, shown as messages
+    image_accepted: bool = False  # the files are images and became the conversation's images
     view: TurnView | None = None  # set when the question ran (or runs)
     problem: str | None = None  # a readable error instead of a run
     asked: str | None = None  # the question as sent to the model (follow-ups carry a preamble)
@@ -69,9 +70,9 @@ class Turn:
 
 @dataclass
 class Conversation:
-    """Everything one browser tab has: its image, its turns, and its private work directory."""
+    """Everything one browser tab has: its image(s), its turns, and its private work directory."""
 
-    image_path: str | None = None
+    image_paths: list[str] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
     work_dir: Path | None = None
 
@@ -85,8 +86,8 @@ class Conversation:
         """The whole chat, rendered from the turns."""
         messages: list[gr.ChatMessage] = []
         for turn in self.turns:
-            if turn.new_image:
-                messages.append(gr.ChatMessage(role="user", content={"path": turn.new_image}))
+            for image in turn.new_images:
+                messages.append(gr.ChatMessage(role="user", content={"path": image}))
             if turn.question:
                 messages.append(gr.ChatMessage(role="user", content=turn.question))
             if turn.problem:
@@ -140,17 +141,17 @@ def make_add_message(max_input_pixels: int) -> Callable[..., tuple]:
         message = message or {}
         question = (message.get("text") or "").strip()
         files = [f if isinstance(f, str) else f["path"] for f in message.get("files") or []]
-        turn = Turn(question=question)
+        turn = Turn(question=question, new_images=files)
         if files:
-            turn.new_image = files[-1]
             try:
-                read_image_size(turn.new_image, max_pixels=max_input_pixels)
+                for file in files:  # all or none: a question about three images must not run on two
+                    read_image_size(file, max_pixels=max_input_pixels)
             except ThymeError as exc:
                 turn.problem = NOT_AN_IMAGE.format(error=exc)
             else:
-                conversation.image_path, turn.image_accepted = turn.new_image, True
+                conversation.image_paths, turn.image_accepted = list(files), True
         if turn.problem is None:
-            if conversation.image_path is None:
+            if not conversation.image_paths:
                 turn.problem = NO_IMAGE
             elif not question:
                 turn.problem = NO_QUESTION
@@ -210,7 +211,8 @@ def make_bot_response(agent_factory: AgentFactory, base_config: AgentConfig) -> 
         try:
             config = _config_from_settings(base_config, settings, images_dir)
             agent = agent_factory(config)
-            for event in agent.stream(conversation.image_path, turn.asked):
+            images = conversation.image_paths
+            for event in agent.stream(images if len(images) > 1 else images[0], turn.asked):
                 turn.view.apply(event)
                 yield conversation.messages(show_reasoning=show_reasoning), conversation, gr.DownloadButton()
         # torch raises RuntimeError subclasses (out of memory, device errors) that backends do not wrap; any of
@@ -243,6 +245,11 @@ def stop_run(conversation: Conversation | None, show_reasoning: bool) -> tuple:
         return [], gr.MultimodalTextbox(interactive=True)
     conversation.stop()
     return conversation.messages(show_reasoning=show_reasoning), gr.MultimodalTextbox(interactive=True)
+
+
+def stop_button(active: bool) -> gr.Button:
+    """The Stop button, lit only while a question runs (lit while idle it looks as if something were running)."""
+    return gr.Button(interactive=active)
 
 
 def unlock_input() -> gr.MultimodalTextbox:
@@ -342,13 +349,14 @@ def build_demo(
                 chatbot = gr.Chatbot(label="Thyme", height="72vh", group_consecutive_messages=False, buttons=["copy"])
                 chat_input = gr.MultimodalTextbox(
                     file_types=["image"],
-                    placeholder="Upload or paste an image, then ask a question about it",
+                    file_count="multiple",
+                    placeholder="Upload or paste an image (or several), then ask a question about it",
                     max_plain_text_length=MAX_PASTED_QUESTION_CHARS,
                     show_label=False,
                     sources=["upload"],
                 )
                 with gr.Row():
-                    stop = gr.Button("Stop", variant="stop", size="sm")
+                    stop = gr.Button("Stop", variant="stop", size="sm", interactive=False)
                     clear = gr.Button("Clear conversation", size="sm")
                     download = gr.DownloadButton("Download trajectory (JSON + images, zip)", visible=False, size="sm")
                 if examples:
@@ -359,16 +367,25 @@ def build_demo(
         submitted = chat_input.submit(
             add_message, [chat_input, conversation, show_reasoning], [chatbot, chat_input, conversation]
         )
-        running = submitted.then(
+        started = submitted.then(lambda: stop_button(True), None, stop, api_visibility="private")
+        running = started.then(
             bot_response,
             [conversation, *settings],
             [chatbot, conversation, download],
             api_name="bot_response",
             concurrency_limit=concurrency_limit,
         )
-        running.then(unlock_input, None, chat_input, api_visibility="private")
-        stop.click(stop_run, [conversation, show_reasoning], [chatbot, chat_input], cancels=[running], api_name="stop")
-        clear.click(clear_conversation, conversation, [chatbot, conversation, download, chat_input], cancels=[running])
+        running.then(unlock_input, None, chat_input, api_visibility="private").then(
+            lambda: stop_button(False), None, stop, api_visibility="private"
+        )
+        stopped = stop.click(
+            stop_run, [conversation, show_reasoning], [chatbot, chat_input], cancels=[running], api_name="stop"
+        )
+        stopped.then(lambda: stop_button(False), None, stop, api_visibility="private")
+        cleared = clear.click(
+            clear_conversation, conversation, [chatbot, conversation, download, chat_input], cancels=[running]
+        )
+        cleared.then(lambda: stop_button(False), None, stop, api_visibility="private")
         show_reasoning.change(redraw, [conversation, show_reasoning], chatbot, api_visibility="private")
     return demo
 
@@ -385,4 +402,5 @@ __all__ = [
     "scripted_agent_factory",
     "scripted_description",
     "shared_agent_factory",
+    "stop_button",
 ]

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from thyme.commands.options import add_model_arguments, check_model_name, load_model_backend
+from thyme.commands.options import (
+    add_max_input_pixels_argument,
+    add_model_arguments,
+    check_model_name,
+    load_model_backend,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -35,6 +41,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    add_max_input_pixels_argument(parser)
     parser.set_defaults(handler=run_demo)
 
 
@@ -63,6 +70,7 @@ def _description(args: argparse.Namespace, script: Path) -> str:
 def run_demo(args: argparse.Namespace) -> int:
     """Loads the backend, starts the sandbox and serves the demo until interrupted."""
     from thyme.config import AgentConfig
+    from thyme.errors import ConfigError
     from thyme.sandbox import Sandbox
     from thyme.ui.app import (
         EXAMPLES_DIR,
@@ -73,8 +81,13 @@ def run_demo(args: argparse.Namespace) -> int:
         shared_agent_factory,
     )
 
-    base_config = AgentConfig(max_new_tokens=args.max_new_tokens, sandbox_timeout_s=args.sandbox_timeout_s)
+    check_port_free(args.host, args.port)  # before a model load that can take minutes
+    limits = {"max_input_pixels": args.max_input_pixels} if args.max_input_pixels is not None else {}
+    base_config = AgentConfig(max_new_tokens=args.max_new_tokens, sandbox_timeout_s=args.sandbox_timeout_s, **limits)
     backend = _build_backend(args)
+    if args.model:  # the checkpoint's own image limits (the tiny dry-run model's are far below Thyme's 12.8 MP)
+        min_pixels, max_pixels = backend.pixel_limits
+        base_config = dataclasses.replace(base_config, min_pixels=min_pixels, max_pixels=max_pixels)
     script = args.scripted or README_SCRIPT
     with Sandbox(timeout=args.sandbox_timeout_s) as sandbox:
         if backend is None:
@@ -90,10 +103,62 @@ def run_demo(args: argparse.Namespace) -> int:
             concurrency_limit=1 if args.model and args.engine == "transformers" else SHARED_SERVER_CONCURRENCY,
         )
         try:
-            demo.queue().launch(
-                server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(EXAMPLES_DIR)]
-            )
+            try:
+                # quiet: Gradio's own lines speak of launch() arguments (`share=True`, `server_port`), not our flags.
+                demo.queue().launch(
+                    server_name=args.host,
+                    server_port=args.port,
+                    share=args.share,
+                    allowed_paths=[str(EXAMPLES_DIR)],
+                    quiet=True,
+                    prevent_thread_lock=True,
+                )
+            except OSError as exc:  # the port was taken between our check and Gradio's bind
+                raise ConfigError(_port_in_use(args.host, args.port)) from exc
+            print(ready_message(demo.local_url, demo.share_url, args.share), flush=True)
+            demo.block_thread()  # until Ctrl+C
         finally:
             if backend is not None:
                 backend.close()
     return 0
+
+
+def ready_message(local_url: str, share_url: str | None, share: bool) -> str:
+    """The startup line, in the demo's own flags."""
+    message = f"thyme demo: open {local_url} (Ctrl+C stops it)"
+    if share_url:
+        return message + f"; public link: {share_url}"
+    if share:
+        return message + "; the public link could not be made (see above)"
+    return message + "; --share adds a public gradio.live link"
+
+
+def _port_in_use(host: str, port: int) -> str:
+    return f"port {port} on {host} is in use (another `thyme demo`?): stop that program or pass --port {port + 1}"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuses a port that is taken, in the demo's terms (Gradio would say "set server_port in launch()").
+
+    Raises:
+        ConfigError: the port is in use or may not be bound.
+    """
+    import errno
+    import socket
+
+    from thyme.errors import ConfigError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: not an address of this machine ({exc.strerror})") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(_port_in_use(host, port)) from exc
+            message = f"cannot listen on {host}:{port}: {exc.strerror}; pass another --host or --port"
+            raise ConfigError(message) from exc

@@ -21,6 +21,7 @@ import gradio as gr
 
 from thyme.loop import (
     STOP_BUDGET,
+    STOP_CONTEXT,
     STOP_EMPTY,
     STOP_EOS,
     STOP_MALFORMED_CODE,
@@ -59,6 +60,7 @@ STOP_REASON_TEXT = {
     STOP_EMPTY: "the model returned no text.",
     STOP_BUDGET: "the budget of generation calls was used up (raise 'Max generation calls' in the settings).",
     STOP_REPETITION: "the model kept repeating itself until the token limit.",
+    STOP_CONTEXT: "the model's context window is full (a shorter question, fewer calls or smaller images help).",
     STOP_MALFORMED_CODE: f"the model wrote `{CODE_CLOSE}` without a complete `{CODE_OPEN}` block before it.",
 }
 # Gradio's MetadataDict status "pending" shows a spinner on the title. No status leaves the message open: errors and

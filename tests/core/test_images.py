@@ -93,3 +93,30 @@ def test_numpy_bad_dtype_and_shape():
 def test_unsupported_type():
     with pytest.raises(ImageError, match="unsupported image type bytes"):
         open_input_image(b"\x89PNG")
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width x height`` (the pixel data is cut off): a huge image without the memory."""
+    import struct
+    import zlib
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(("width", "height"), [(12_000, 12_000), (20_000, 20_000)])
+def test_huge_images_get_one_limit_and_one_message(tmp_path, width, height):
+    """144 MP was called "corrupt or truncated", 400 MP got PIL's "decompression bomb DOS attack" and PIL's limit."""
+    path = _png_header_only(tmp_path / "huge.png", width, height)
+    with pytest.raises(ImageError) as info:
+        read_image_size(path)
+    message = str(info.value)
+    assert f"{width}x{height} = {width * height} pixels, more than the limit of 100000000" in message
+    assert "--max-input-pixels" in message
+    assert "corrupt" not in message and "bomb" not in message.lower()
+    assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own limit is back for everyone else

@@ -162,7 +162,7 @@ def test_local_backend_reports_end_of_turn(tiny_model_dir: Path, images) -> None
     ("source", "expected"),
     [
         ("/nonexistent/thyme-weights", "model not found: /nonexistent/thyme-weights is not a directory"),
-        ("no-such-org/no-such-thyme-model", "model not found: no-such-org/no-such-thyme-model is neither a local"),
+        ("no-such-org/no-such-thyme-model", "model not found: no-such-org/no-such-thyme-model is not in the local"),
     ],
 )
 def test_local_backend_missing_model_names_path_and_how_to_get_weights(source: str, expected: str) -> None:
@@ -171,7 +171,7 @@ def test_local_backend_missing_model_names_path_and_how_to_get_weights(source: s
     with pytest.raises(ModelNotFoundError) as info:
         TransformersBackend.from_pretrained(source)
     assert expected in str(info.value)
-    assert "huggingface-cli download Kwai-Keye/Thyme-RL" in str(info.value)
+    assert "hf download Kwai-Keye/Thyme-RL --local-dir DIR" in str(info.value)
 
 
 def test_local_backend_directory_without_checkpoint_is_refused(tmp_path: Path) -> None:

@@ -103,6 +103,17 @@ def test_prefix_cache_switches_conversations(backends, images) -> None:
     )
 
 
+def test_prefix_cache_takes_positions_from_the_new_conversation(backends, images) -> None:
+    """A second conversation that shares the first one's prefix (system, user image) and adds no image after it: the
+    cached M-RoPE offset (rope_deltas) of the first conversation, which had a sandbox image more, must not be used."""
+    plain, cached = backends
+    cached.generate(_chat(images[0], _with_sandbox_image("a", images[1])), stop=[], sampling=GREEDY)
+    other = _chat(images[0], [{"type": "text", "text": "a plain answer"}])
+    result = cached.generate(other, stop=[], sampling=GREEDY)
+    assert result.prompt_tokens < len(plain.prepare_inputs(other)["input_ids"][0])  # the prefix was reused
+    _assert_same(result, plain.generate(other, stop=[], sampling=GREEDY))
+
+
 def test_prefix_cache_refuses_unverified_model_types() -> None:
     model = SimpleNamespace(config=SimpleNamespace(model_type="qwen3_vl", image_token_id=1))
     with pytest.raises(ConfigError, match="prefix_cache is verified only for qwen2_5_vl, not 'qwen3_vl'"):

@@ -101,6 +101,19 @@ def test_tiny_model_command_refuses_a_non_empty_directory(tmp_path: Path) -> Non
     assert keep.read_bytes() == b"real weights" and sorted(p.name for p in tmp_path.iterdir()) == [keep.name]
 
 
+def test_tiny_model_command_run_twice_keeps_the_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A README block run again (or after an earlier block built the same model) must not fail on its folder."""
+    target = tmp_path / "tiny"
+    assert _run_command(["tiny-model", str(target)]) == 0
+    weights = (target / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert _run_command(["tiny-model", str(target)]) == 0
+    assert f"{target} already holds the tiny qwen2_5_vl model (seed 0, head_dim 16): kept" in capsys.readouterr().out
+    assert (target / "model.safetensors").stat().st_mtime_ns == weights
+    with pytest.raises(ConfigError, match="is not empty"):  # another seed is another model: not silently kept
+        _run_command(["tiny-model", str(target), "--seed", "1"])
+
+
 @pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen3_vl"])
 def test_head_dim_64_variant_has_the_sizes_vllm_cpu_attention_accepts(tmp_path: Path, model_type: str) -> None:
     import torch

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -61,18 +60,19 @@ def test_vlmevalkit_build_question_matches_the_thyme_mixin() -> None:
     assert build_question({"question": "What?", "hint": "Look left."}, "MCQ", "X").startswith("Hint: Look left.\n")
 
 
-def test_vlmevalkit_generate_inner_answers_with_the_first_image(tmp_path: Path, caplog) -> None:
+def test_vlmevalkit_generate_inner_answers_with_every_image(tmp_path: Path) -> None:
     for name in ("a.png", "b.png"):
         Image.new("RGB", (32, 32)).save(tmp_path / name)
-    model = ThymeVLM(backend=ScriptedBackend([README_ANSWER]))
+    backend = ScriptedBackend([README_ANSWER])
+    model = ThymeVLM(backend=backend)
     message = [
         {"type": "image", "value": str(tmp_path / "a.png")},
         {"type": "image", "value": str(tmp_path / "b.png")},
         {"type": "text", "value": "Which plate?"},
     ]
-    with caplog.at_level(logging.WARNING):
-        assert model.generate_inner(message, dataset="HRBench4K") == "C. S QT 911"
-    assert "using the first of 2" in caplog.text
+    assert model.generate_inner(message, dataset="HRBench4K") == "C. S QT 911"
+    user = backend.calls[0].messages[1]["content"]
+    assert [item.get("image") for item in user[:2]] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
     with pytest.raises(ValueError, match="Thyme needs an image"):
         model.generate_inner([{"type": "text", "value": "q"}])
 

@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import thyme
 from thyme.cli import main
 from thyme.evaluation.datasets import load_dataset
 
 
 def test_bench_synth_then_eval_scripted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "synth", "--out", str(tmp_path / "set"), "--n", "4", "--size", "512", "--seed", "1"]) == 0
-    assert "wrote 4 rows to" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "wrote 4 rows to" in captured.out
+    assert "thyme bench synth" in captured.err and "4/4" in captured.err  # the progress bar, on stderr
     data = tmp_path / "set" / "synth.jsonl"
     items = load_dataset(data)
     # Right answers for rows 0 and 1 (letters), wrong for 2 and 3.
@@ -33,6 +36,18 @@ def test_bench_synth_then_eval_scripted(tmp_path: Path, capsys: pytest.CaptureFi
     assert results["dataset"] == str(data.resolve())
     assert main([*argv, "--no-progress"]) == 0  # resumed: nothing left to run
     assert "4 resumed" in capsys.readouterr().out
+
+
+def test_eval_replays_one_recording_for_every_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's dry run: the shipped two-question set, every row replaying the recorded README example."""
+    examples = Path(thyme.__file__).parent / "data" / "examples"
+    argv = ["eval", "--data", str(examples / "readme_eval.jsonl"), "--scripted", str(examples / "readme_17127.json"),
+            "--out", str(tmp_path / "dry"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "every row replays the one recording" in captured.err
+    assert "accuracy 50.0 % (1/2)" in captured.out  # the plate question right, the colour question not
+    assert "  plate: 100.0 % (1/1)" in captured.out
 
 
 def test_eval_flag_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,6 +87,15 @@ def test_bench_compare_prints_the_delta_per_category(tmp_path: Path, capsys: pyt
     assert "| accuracy (%) | direct (direct) | thyme (thyme) | Δ |" in table
     assert "| overall | 50.0 | 100.0 | +50.0 |" in table
     assert "| color | 0.0 | 100.0 | +100.0 |" in table and "| position | 100.0 | 100.0 | +0.0 |" in table
+    assert "warning" not in table
+    # A 2-row run against the 4-row one: the table still prints, under a warning.
+    argv = ["eval", "--data", str(data), "--scripted", str(tmp_path / "direct.json"), "--limit", "2"]
+    assert main([*argv, "--out", str(tmp_path / "two"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "compare", str(tmp_path / "two"), str(tmp_path / "thyme")]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("> **warning**: the runs scored different numbers of rows (two: 2, thyme: 4)")
+    assert "| overall |" in table
     assert main(["bench", "compare", str(tmp_path / "nothing"), str(tmp_path / "thyme")]) == 1
     assert "pass the --out folder of a finished `thyme eval` run" in capsys.readouterr().err
 

@@ -42,3 +42,26 @@ def test_sandbox_run_missing_files_exit_1_with_one_line(small_image: Path, tmp_p
     code_path.write_text("print(1)")
     assert main(["sandbox", "run", str(code_path), "--image", str(tmp_path / "none.jpg")]) == 1
     assert "does not exist or is not a file" in capsys.readouterr().err
+
+
+def test_sandbox_run_names_images_saved_without_printing_their_path(small_image: Path, tmp_path: Path, capsys) -> None:
+    """A crop whose path the code never prints is invisible to the model: the CLI says so, --output-dir keeps it."""
+    code_path = tmp_path / "crop.py"
+    code_path.write_text(
+        "import cv2\nimg = cv2.imread(image_path)\n"
+        "cv2.imwrite('/mnt/data/temp_processed_images/shown.png', img[:32, :32])\n"
+        "cv2.imwrite('/mnt/data/temp_processed_images/silent.png', img[:40, :40])\n"
+        "print('/mnt/data/temp_processed_images/shown.png')\n"
+    )
+    out_dir = tmp_path / "kept"
+    rc = main(["sandbox", "run", str(code_path), "--image", str(small_image), "--output-dir", str(out_dir)])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert f"image: {out_dir / 'shown.png'}" in captured.out and "silent" not in captured.out
+    assert "saved 1 image(s) without printing the path (silent.png): kept in --output-dir" in captured.err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["shown.png", "silent.png"]
+
+    rc = main(["sandbox", "run", str(code_path), "--image", str(small_image), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert [Path(p).name for p in result["images"]] == ["shown.png"]
+    assert [Path(p).name for p in result["unprinted_images"]] == ["silent.png"]

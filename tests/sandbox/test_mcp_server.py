@@ -116,9 +116,25 @@ def test_mcp_streamable_http_needs_token_and_takes_base64_images(tmp_path: Path,
                 assert server.poll() is None and time.monotonic() < deadline, "the MCP server did not start"
                 time.sleep(0.2)
         assert refused.status_code == 401
+        auth = {"Authorization": f"Bearer {token}"}
+        rebound = httpx.post(url, json={}, headers=dict(auth, Host=f"evil.example:{port}"))
+        assert rebound.status_code == 421 and rebound.json()["error"]["kind"] == "host_not_allowed"
+        page = httpx.post(url, json={}, headers=dict(auth, Origin="http://evil.example"))
+        assert page.status_code == 403
         seen = asyncio.run(_http_conversation(url, token, Path(example["image"])))
     finally:
         server.terminate()
         server.wait(timeout=30)
     assert seen["run"].content[0].text == "ok: true\nprinted output:\n1024"
     assert seen["by_path"].is_error and "this server accepts uploads only" in seen["by_path"].content[0].text
+
+
+def test_mcp_transport_security_uses_the_guard_host_names() -> None:
+    from thyme.sandbox.server.guard import allowed_host_names
+    from thyme.sandbox.server.mcp import transport_security
+
+    settings = transport_security(allowed_host_names("127.0.0.1", ["box"]))
+    assert settings.enable_dns_rebinding_protection
+    assert {"box:*", "127.0.0.1:*", "[::1]:*", "localhost"} <= set(settings.allowed_hosts)
+    assert "http://[::1]:*" in settings.allowed_origins
+    assert not transport_security(None).enable_dns_rebinding_protection  # 0.0.0.0 with a token: any name

@@ -97,7 +97,7 @@ def test_two_block_conversation_keeps_variables_and_imports(sandbox: Sandbox, sm
                              "print('/mnt/data/temp_processed_images/q.png')")
         assert first.stdout == "200 120\n"
         assert second.ok, second.error
-        assert second.images == [str(session.scratch_dir / "q.png")]
+        assert second.images == [str(session.results_dir / "run-2" / "q.png")]  # a copy the worker cannot reach
         saved = cv2.imread(second.images[0])
         assert saved.shape == (60, 100, 3)  # bounds computed from names, not literals: not clamped
         assert saved[0, 0].tolist() == [0, 0, 255]
@@ -121,8 +121,8 @@ def test_processed_path_counts_in_any_block_when_nothing_printed(sandbox: Sandbo
             "Image.open(image_path).crop((0, 0, 64, 64)).save(processed_path)")
     with sandbox.session(image=str(small_image)) as session:
         first, second = session.run(code.format(n=1)), session.run(code.format(n=2))
-        assert first.images == [str(session.scratch_dir / "p1.png")]
-        assert second.images == [str(session.scratch_dir / "p2.png")]  # the original missed every later block
+        assert first.images == [str(session.results_dir / "run-1" / "p1.png")]
+        assert second.images == [str(session.results_dir / "run-2" / "p2.png")]  # the original missed later blocks
         third = session.run("print('just text')")
         assert third.images == [] and third.text == "just text"
 
@@ -254,7 +254,7 @@ def test_close_deletes_session_files_and_refuses_further_runs(sandbox: Sandbox, 
     session.run("open('/mnt/data/temp_processed_images/n.txt', 'w').write('1')")
     assert (session.scratch_dir / "n.txt").exists()
     session.close()
-    assert not session.scratch_dir.exists()
+    assert not session.scratch_dir.exists() and not session.results_dir.exists()
     with pytest.raises(SandboxClosed):
         session.run("print(1)")
 
@@ -298,20 +298,23 @@ def test_import_sandbox_does_not_import_torch() -> None:
 
 
 def test_worker_dying_while_reading_the_input_is_an_input_error(small_image: Path, tmp_path: Path) -> None:
+    from thyme.sandbox.isolation import Isolation
+    from thyme.sandbox.local import new_session_dir
     from thyme.sandbox.process import WorkerProcess
     from thyme.sandbox.session import Session
 
     root = Path(tempfile.mkdtemp(prefix="thyme-test-"))
     root.chmod(0o711)
 
-    def dying_worker() -> WorkerProcess:  # stands for a malicious input that crashes the image decoder
-        worker = WorkerProcess(Limits(), str(root))
+    def dying_worker(session_dir: Path | None = None) -> WorkerProcess:  # a malicious input crashing the decoder
+        worker = WorkerProcess(Limits(), str(session_dir or new_session_dir(root)), Isolation())
         os.kill(worker.pid, signal.SIGKILL)
         worker.process.wait()
         return worker
 
     try:
-        with Session([str(small_image)], "bad", root, Limits(), RepairConfig(), dying_worker) as session:
+        with Session([str(small_image)], "bad", Limits(), RepairConfig(), dying_worker, dying_worker,
+                     tmp_path) as session:
             result = session.run("print(1)")
             assert result.error.startswith("Sandbox for bad: Cannot run code: reading the input image(s) stopped "
                                            "the sandbox process (the sandbox process stopped with SIGKILL")

@@ -3,7 +3,7 @@ input unchanged, call returned in time), not only that an error string appeared.
 
 Escapes run in one shared session (a refused escape leaves the worker usable); resource bombs get their own
 session since most of them end with the worker killed. The process layer alone (no RestrictedPython) is proven in
-test_isolation.py.
+test_ablation.py.
 """
 
 from __future__ import annotations

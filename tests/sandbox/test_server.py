@@ -16,7 +16,7 @@ from PIL import Image
 from tests.fixtures.sandbox_server import running_server
 from thyme.sandbox import ExecutionResult, InvalidInput, Sandbox, SandboxClosed
 from thyme.sandbox.remote import RemoteSandbox
-from thyme.sandbox.server_errors import RequestRejected, SessionNotFound, Unauthorized
+from thyme.sandbox.server.errors import RequestRejected, SessionNotFound, Unauthorized
 
 TOKEN = "test-token-7f3a"
 RUN_TIMEOUT_S = 6.0

@@ -14,6 +14,7 @@ import pytest
 from tests.fixtures.sandbox_server import free_port
 from thyme.cli import main
 from thyme.sandbox.remote import RemoteSandbox
+from thyme.sandbox.server.metrics import WORKER_MODULE
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0
@@ -53,12 +54,13 @@ def test_serve_command_runs_the_readme_example(tmp_path: Path, example: dict) ->
             session = sb.session(image=str(example["image"]), item_id="17127")
             result = session.run(example["code"])
             assert result.ok and len(result.images) == 1
-            workers = psutil.Process(server.pid).children()
+            children = psutil.Process(server.pid).children()  # workers, and the image-header checker
+            workers = [child for child in children if WORKER_MODULE in child.cmdline()]
             assert sb.health()["workers_alive"] == len(workers) >= 1
     finally:
         server.terminate()  # uvicorn shuts down gracefully on SIGTERM, then re-raises it (exit status -15)
         _, stderr = server.communicate(timeout=30)
     assert f"thyme sandbox server on http://127.0.0.1:{port} (bearer token required)" in stderr
     assert server.returncode == -15
-    gone, alive = psutil.wait_procs(workers, timeout=10)
-    assert not alive, "the server left sandbox workers running after shutdown"
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, "the server left sandbox workers or checkers running after shutdown"

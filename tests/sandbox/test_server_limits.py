@@ -11,8 +11,8 @@ import pytest
 from tests.fixtures.sandbox_server import running_server
 from thyme.sandbox import InvalidInput
 from thyme.sandbox.remote import RemoteSandbox
-from thyme.sandbox.server_config import ServerConfig, is_loopback_host, read_token_file
-from thyme.sandbox.server_errors import ServerBusy, SessionNotFound
+from thyme.sandbox.server.config import ServerConfig, is_loopback_host, read_token_file
+from thyme.sandbox.server.errors import ServerBusy, SessionNotFound
 
 WAIT_S = 0.5
 

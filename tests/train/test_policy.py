@@ -142,3 +142,43 @@ def test_policy_backend_cuts_a_script_at_the_token_cap(tiny, readme_image):
     assert generation.text == processor.tokenizer.decode(generation.token_ids)
     assert backend.generate(_messages(readme_image, [{"type": "text", "text": generation.text}]), stop=[],
                             sampling=SamplingParams()).text == ""  # fmt: skip
+
+
+def test_greedy_code_tokens_inside_a_code_span_report_temperature_1_logprobs(tiny, readme_image):
+    """The loop's ATS call inside `<code>` (greedy, code stop strings): every token it writes reports the raw
+    temperature-1 log-prob the loss computes, not log 1 = 0 for a greedy pick."""
+    from thyme.config import AgentConfig
+    from thyme.loop import _choose_call
+    from thyme.trajectory import ModelText, Trajectory
+
+    model, processor = tiny
+    opened = Trajectory(system_prompt="You are Thyme.", user_text="\nWhat is it?", image_paths=[readme_image])
+    opened.segments.append(ModelText("<think>I crop it. <code>"))
+    sampling, stop = _choose_call(opened, AgentConfig(sampling="ats", max_new_tokens=8), sampled=True)
+    assert sampling.greedy and "</code>" in stop
+    backend = PolicyBackend(model, processor, lock=threading.Lock())
+    generation = backend.generate(opened.to_messages(), stop=stop, sampling=sampling)
+    assert len(generation.token_ids) == 8
+    want = _forward_logprobs(backend, model, 8)
+    got = torch.tensor(generation.logprobs)
+    assert got.max() < -0.5, "greedy code tokens reported as log 1"
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("answered", "truncated", "end"), [(True, False, [1]), (False, False, [0]), (False, True, [])]
+)
+def test_finish_ends_untruncated_trajectories_with_the_end_of_turn(tiny, readme_image, answered, truncated, end):
+    """TRL's mask_truncated_completions takes a completion without <|im_end|> for a truncated one: an answer ends with
+    a trained <|im_end|>, an ending the loop chose (a malformed code block) with one outside the loss, and a truncated
+    trajectory with none, so that only it is masked."""
+    from thyme.backends.scripted import ScriptedBackend
+
+    model, processor = tiny
+    script = ScriptedBackend(["<think>short</think> <answer>C</answer>"])
+    backend = PolicyBackend(model, processor, lock=threading.Lock(), script=script)
+    backend.generate(_messages(readme_image), stop=["</answer>"], sampling=SamplingParams())
+    length = len(backend.tokens.completion_ids)
+    tokens = backend.finish(answered=answered, truncated=truncated)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokens.completion_ids[length:] == [eos] * len(end) and tokens.tool_mask[length:] == end

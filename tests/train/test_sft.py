@@ -142,3 +142,29 @@ def test_resume_hook_signature_matches_the_override() -> None:
     expected = list(inspect.signature(Trainer._load_from_checkpoint).parameters)
     assert expected == ["self", "resume_from_checkpoint", "model"]
     assert list(inspect.signature(ThymeSFTTrainer._load_from_checkpoint).parameters) == expected
+
+
+def test_sft_cli_mask_settings_reach_the_collator(
+    tiny_model_dir: Path, sft_jsonl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The YAML's mask keys change what is trained: the default (last round, sandbox masked) trains fewer labels than
+    every round, which trains fewer than the naive SFT that also trains the sandbox output."""
+    from thyme.train.masking import IGNORE_INDEX
+    from thyme.train.sft_collator import ThymeSFTCollator
+
+    trained: list[int] = []
+    collate = ThymeSFTCollator.__call__
+
+    def counting(self, rows):
+        batch = collate(self, rows)
+        trained.append(int((batch["labels"] != IGNORE_INDEX).sum()))
+        return batch
+
+    monkeypatch.setattr(ThymeSFTCollator, "__call__", counting)
+    counts = []
+    settings = [[], ["last_round_only=false"], ["last_round_only=false", "mask_sandbox_output=false"]]
+    for index, overrides in enumerate(settings):
+        trained.clear()
+        assert _run(tiny_model_dir, sft_jsonl, tmp_path / str(index), "max_steps=1", "save_steps=100", *overrides) == 0
+        counts.append(trained[-1])
+    assert counts[0] < counts[1] < counts[2], counts

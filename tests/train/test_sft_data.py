@@ -149,7 +149,7 @@ def test_thyme_data_convert_command(tmp_path: Path, capsys: pytest.CaptureFixtur
     [
         ("bad.parquet", b"PAR1 but not really", "not a readable parquet file"),
         ("bad.json", b"{not json", "not valid JSON"),
-        ("bad.jsonl", b'{"image": []}\n{oops\n', "bad.jsonl line 2: not valid JSON"),
+        ("bad.jsonl", b'{"image": []}\n{oops\n', "bad.jsonl:2: not valid JSON"),
         ("rows.csv", b"a,b\n", "unknown data file type '.csv'"),
     ],
 )

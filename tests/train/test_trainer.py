@@ -108,8 +108,13 @@ def test_trainer_sandbox_tokens_are_masked_from_the_loss(trained):
         ids = inputs["completion_ids"][row, :length]
         mask = inputs["tool_mask"][row, :length]
         masked = tokenizer.decode(ids[mask == 0], skip_special_tokens=False)
-        assert masked.startswith(SANDBOX_OUTPUT_OPEN + "<|vision_start|><|image_pad|>")
-        assert masked.endswith("<|vision_end|>" + SANDBOX_OUTPUT_CLOSE)
+        # The boundary tokens span model and sandbox text (`</code><sandbox_output>` -> `><`, `</sandbox_output>Upon`
+        # -> `>Upon`, as a whole-text tokenisation gives): they reach into the model's text, so they are trained,
+        # as the SFT mask trains a token that overlaps the trained text.
+        assert masked.startswith(SANDBOX_OUTPUT_OPEN[1:] + "<|vision_start|><|image_pad|>")
+        assert masked.endswith("<|vision_end|>" + SANDBOX_OUTPUT_CLOSE[:-1])
+        pieces = [tokenizer.decode([token]) for token in ids.tolist()]
+        assert "><" in pieces and pieces[pieces.index("><") - 1] == "code"
         trained_text = tokenizer.decode(ids[mask == 1], skip_special_tokens=False)
         assert SANDBOX_OUTPUT_OPEN not in trained_text and "<|image_pad|>" not in trained_text
         assert trained_text.endswith("</answer><|im_end|>")
@@ -122,7 +127,7 @@ def _code_positions(tokenizer, ids: list[int]) -> list[int]:
         text += tokenizer.decode([token])
         if inside:
             positions.append(index)
-            if text.endswith(CODE_CLOSE):
+            if CODE_CLOSE in text[text.rfind(CODE_OPEN) :]:  # the last token may run past it (`><`)
                 break
         elif text.rstrip().endswith(CODE_OPEN):
             inside = True
@@ -182,3 +187,20 @@ def test_trainer_lora_step_moves_only_the_adapter(make_trainer):
     after = dict(trainer.model.named_parameters())
     changed = {name for name, value in before.items() if not torch.equal(value, after[name])}
     assert changed and all("lora_" in name for name in changed)
+
+
+def test_trainer_reported_logprobs_are_the_losss_at_every_trained_position(trained):
+    """Rollout and loss forward agree on every trained token, those after the sandbox image included: the loss
+    forward sees the crop's own pixels (a blank image of the same size would change every later log-prob)."""
+    trainer, seen, _, _ = trained
+    inputs = seen[0]
+    reported, loss_logps = inputs["sampling_per_token_logps"], inputs["loss_logps"]
+    pad_id = trainer.processing_class.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for row in range(2):
+        trained_positions = (inputs["completion_mask"][row] * inputs["tool_mask"][row]).bool()
+        scored = trained_positions & ~torch.isnan(reported[row])  # the appended end of turn was not sampled
+        after_image = torch.arange(scored.numel()) > int((inputs["completion_ids"][row] == pad_id).nonzero().max())
+        assert (scored & after_image).sum() > 20, "the answer after the sandbox image must be compared"
+        assert scored.sum() >= trained_positions.sum() - 1
+        got, want = reported[row, scored], loss_logps[row, scored]
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()

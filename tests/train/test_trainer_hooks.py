@@ -47,3 +47,17 @@ def test_loss_and_logps_hooks_used_by_the_tests_exist():
         assert name in params
     assert list(inspect.signature(GRPOTrainer._compute_loss).parameters) == ["self", "model", "inputs"]
     assert "_log_metric" in dir(GRPOTrainer)
+
+
+def test_reward_sampler_and_batch_hooks_used_by_zero_spread_groups_and_resume():
+    """_calculate_rewards returns every process's rewards (the zero-spread metrics and dynamic sampling read them);
+    the sampler has no set_epoch of its own; the score step's output keys are those dynamic sampling joins."""
+    from trl.trainer.utils import RepeatSampler
+
+    params = list(inspect.signature(GRPOTrainer._calculate_rewards).parameters)
+    assert params == ["self", "inputs", "prompts", "completions", "completion_ids_list"]
+    assert list(inspect.signature(GRPOTrainer._get_train_sampler).parameters) == ["self", "dataset"]
+    assert not hasattr(RepeatSampler, "set_epoch")
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert "rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids_list)" in source
+    assert "num_items_in_batch = self.accelerator.gather(loss_mask.sum()).sum()" in source

@@ -207,3 +207,26 @@ def test_demo_runs_an_openai_compatible_endpoint(tiny_openai_server, ui_sandbox,
     assert len(image_items) == 1 and image_items[0]["image_url"]["url"].startswith("data:image/")
     assert conversation.trajectories()[0].generations  # the server's text is the trajectory's model text
     assert chat[-1].metadata["title"] == "No answer"
+
+
+def test_several_uploads_with_one_question_reach_the_model_and_a_bad_one_refuses_all(ui_sandbox, tmp_path):
+    from PIL import Image
+
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    Image.new("RGB", (40, 30), "red").save(red)
+    Image.new("RGB", (50, 20), "blue").save(blue)
+    backend = ScriptedBackend(["<answer>two</answer>"])
+    factory = shared_agent_factory(backend, ui_sandbox)
+    add = make_add_message(AgentConfig().max_input_pixels)
+    chat, _, conversation = add({"text": "How many?", "files": [str(red), str(blue)]}, None, True)
+    assert [m.content for m in chat[:2]] == [{"path": str(red)}, {"path": str(blue)}]
+    final = list(make_bot_response(factory, AgentConfig())(conversation, *DEFAULT_SETTINGS))[-1][0]
+    assert "two" in _text(final[-1])
+    user = backend.calls[0].messages[1]["content"]
+    assert [item.get("image") for item in user[:2]] == [str(red), str(blue)]
+    assert user[-1]["text"].count("### User Image Path") == 2
+    broken = tmp_path / "broken.png"
+    broken.write_text("not a PNG")
+    _, _, conversation = add({"text": "And these?", "files": [str(red), str(broken)]}, conversation, True)
+    assert conversation.turns[-1].problem.startswith("That file cannot be used as an image")
+    assert conversation.image_paths == [str(red), str(blue)]  # the earlier pair stays the subject

@@ -106,12 +106,16 @@ def test_browser_stop_button_cancels_the_run_and_unlocks_the_input(page, ui_sand
     demo = build_demo(lambda config: ThymeAgent(_BlockedBackend(release), config, sandbox=ui_sandbox))
     try:
         with serving(demo) as url:
+            page.goto(url)
+            sync_api.expect(page.get_by_role("button", name="Stop", exact=True)).to_be_disabled()  # nothing runs yet
             _ask(page, url, example_image, "What is the plate number of the blue car?")
             sync_api.expect(page.get_by_text("Sandbox result (step 1)")).to_be_visible()  # mid-run
+            sync_api.expect(page.get_by_role("button", name="Stop", exact=True)).to_be_enabled()
             sync_api.expect(page.locator("textarea").first).to_be_disabled()
             page.get_by_role("button", name="Stop").click()
             sync_api.expect(page.locator("textarea").first).to_be_enabled()
             sync_api.expect(page.get_by_text("You stopped this run")).to_be_visible()
+            sync_api.expect(page.get_by_role("button", name="Stop", exact=True)).to_be_disabled()  # idle again
             sync_api.expect(page.get_by_text("The model is writing")).to_have_count(0)  # no spinner left behind
             release.set()
             page.wait_for_timeout(1000)  # had the run gone on, its answer would now be on the page

@@ -20,12 +20,20 @@ from thyme.backends import cpu_torch_extensions  # noqa: F401 - repairs a vllm-c
 # isort: split
 
 import torch
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 from transformers import AutoConfig, AutoModelForImageTextToText, BatchFeature, PreTrainedModel, ProcessorMixin
 
 from thyme.backends.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingParams
 from thyme.backends.prefix_cache import CACHE_FIELD, PrefixCache
 from thyme.backends.processor import load_processor, prompt_and_images, render_chat
+from thyme.backends.processor import pixel_limits as processor_pixel_limits
 from thyme.errors import ConfigError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -36,9 +44,11 @@ _NEUTRAL_TEMPERATURE, _NEUTRAL_TOP_P, _NEUTRAL_TOP_K = 1.0, 1.0, 50
 # Prompt tokens searched together with the new text for a stop string that began in the prompt.
 _PROMPT_TAIL_TOKENS = 16
 _HOW_TO_GET_WEIGHTS = (
-    "download the weights with `huggingface-cli download Kwai-Keye/Thyme-RL --local-dir DIR` and pass DIR, "
-    "or pass a hub id on a machine with network access"
+    "download the weights where there is network, `hf download Kwai-Keye/Thyme-RL --local-dir DIR`, and pass DIR"
 )
+# One request to the hub before transformers starts: its downloads retry a refused connection with backoff (about
+# 20 warnings and half a minute before they give up), where one probe tells "no network" in a second or two.
+HUB_PROBE_TIMEOUT_S = 5.0
 
 
 class TransformersBackend:
@@ -69,6 +79,9 @@ class TransformersBackend:
             eos_ids.append(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos_ids
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_ids[0]
+        # Positions past the context window make the model index out of its rotary tables ("indexing errors"):
+        # new tokens are capped at what still fits.
+        self.context_length: int | None = getattr(model.config.get_text_config(), "max_position_embeddings", None)
 
     @classmethod
     def from_pretrained(
@@ -119,8 +132,7 @@ class TransformersBackend:
     @property
     def pixel_limits(self) -> tuple[int, int]:
         """The default (min_pixels, max_pixels) for images that carry no bounds of their own."""
-        size = self.processor.image_processor.size
-        return int(size.shortest_edge), int(size.longest_edge)
+        return processor_pixel_limits(self.processor)
 
     def render(self, messages: list[dict]) -> str:
         """Renders the chat as prompt text: continues a final assistant message, else opens the assistant turn."""
@@ -149,12 +161,18 @@ class TransformersBackend:
         """
         inputs = self.prepare_inputs(messages)
         prompt_length = int(inputs["input_ids"].shape[1])
+        max_new_tokens = sampling.max_new_tokens
+        if self.context_length is not None:
+            max_new_tokens = min(max_new_tokens, self.context_length - prompt_length)
+            if max_new_tokens < 1:
+                logger.warning("the prompt (%d tokens) fills the context (%d)", prompt_length, self.context_length)
+                return Generation("", FINISH_LENGTH, prompt_length, token_ids=[], logprobs=[])
         model_inputs, reused = self.prefix_cache.generate_kwargs(inputs) if self.prefix_cache else (dict(inputs), 0)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         output = self.model.generate(
             **model_inputs,
-            **self._generation_kwargs(stop, sampling),
+            **self._generation_kwargs(stop, sampling, max_new_tokens),
             return_dict_in_generate=True,
             output_logits=True,
         )
@@ -164,7 +182,7 @@ class TransformersBackend:
         logits = torch.stack(output.logits, dim=1)[0].float()  # (new tokens, vocab), raw scores of each step
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(new_ids, device=logits.device)[:, None])
         prompt_tail = self.tokenizer.decode(inputs["input_ids"][0, -_PROMPT_TAIL_TOKENS:].tolist())
-        text, finish_reason = self._finish(new_ids, stop, sampling.max_new_tokens, prompt_tail)
+        text, finish_reason = self._finish(new_ids, stop, max_new_tokens, prompt_tail)
         return Generation(
             text=text,
             finish_reason=finish_reason,
@@ -181,11 +199,11 @@ class TransformersBackend:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _generation_kwargs(self, stop: Sequence[str], sampling: SamplingParams) -> dict[str, Any]:
+    def _generation_kwargs(self, stop: Sequence[str], sampling: SamplingParams, max_new_tokens: int) -> dict[str, Any]:
         """Every sampling knob explicitly: checkpoints ship their own defaults (Qwen2.5-VL: repetition penalty 1.05,
         top-k 1), and ``generate`` fills in any knob left unset from them."""
         kwargs: dict[str, Any] = {
-            "max_new_tokens": sampling.max_new_tokens,
+            "max_new_tokens": max_new_tokens,
             "do_sample": not sampling.greedy,
             "repetition_penalty": sampling.repetition_penalty,
             "eos_token_id": self.eos_token_ids,
@@ -229,7 +247,9 @@ def _check_model_source(source: str) -> None:
     """Raises ModelNotFoundError when ``source`` is neither a checkpoint directory nor a reachable hub model.
 
     Reading the config first gives one clear error instead of transformers' several (OSError for a missing local
-    folder, HFValidationError for a path that is no valid repo id, offline-mode errors).
+    folder, HFValidationError for a path that is no valid repo id, offline-mode errors). A hub id that is not in the
+    local cache is probed with one request (:func:`_probe_hub`), so that no network, an unknown id and a gated
+    model each fail at once with their own cause.
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -241,12 +261,76 @@ def _check_model_source(source: str) -> None:
     if path.exists() or source.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"model not found: {source} is not a directory: {_HOW_TO_GET_WEIGHTS}")
     try:
+        cached = try_to_load_from_cache(source, "config.json")
+    except HFValidationError as exc:
+        raise ModelNotFoundError(
+            f"model not found: {source} is neither a local directory nor a valid hub id (such as "
+            f"Kwai-Keye/Thyme-RL): check the name"
+        ) from exc
+    if not isinstance(cached, str):
+        _probe_hub(source)
+    try:
         AutoConfig.from_pretrained(source)
     except (OSError, HFValidationError) as exc:
+        if _caused_by(exc, GatedRepoError):
+            raise ModelNotFoundError(_gated_message(source)) from exc
         raise ModelNotFoundError(
             f"model not found: {source} is neither a local directory nor a hub model that can be downloaded "
-            f"({type(exc).__name__}): {_HOW_TO_GET_WEIGHTS}"
+            f"({type(exc).__name__}: {exc}): {_HOW_TO_GET_WEIGHTS}"
         ) from exc
+
+
+def _probe_hub(repo_id: str) -> None:
+    """Asks the hub about ``repo_id`` once (no retries) and raises ModelNotFoundError naming the real cause."""
+    from huggingface_hub import HfApi, constants
+
+    transport_error = _http_transport_error()
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
+    except OfflineModeIsEnabled as exc:
+        raise ModelNotFoundError(
+            f"model not found: {repo_id} is not in the local hub cache and HF_HUB_OFFLINE is set, so it cannot be "
+            f"downloaded: {_HOW_TO_GET_WEIGHTS}"
+        ) from exc
+    except GatedRepoError as exc:
+        raise ModelNotFoundError(_gated_message(repo_id)) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"model not found: the hub has no model {repo_id} (or it is private): check the id, e.g. "
+            "Kwai-Keye/Thyme-RL, or pass a local directory"
+        ) from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "error"
+        raise ModelNotFoundError(f"the hub answered HTTP {status} for {repo_id}: {exc}") from exc
+    except transport_error as exc:
+        raise ModelNotFoundError(
+            f"cannot reach the hub at {constants.ENDPOINT} to download {repo_id} (no network? {exc}): "
+            f"{_HOW_TO_GET_WEIGHTS}"
+        ) from exc
+
+
+def _http_transport_error() -> type[Exception]:
+    """The network-failure base class of the HTTP client huggingface-hub uses (httpx2 from 2.x, httpx before)."""
+    try:
+        import httpx2 as http
+    except ImportError:
+        import httpx as http
+    return http.TransportError
+
+
+def _gated_message(repo_id: str) -> str:
+    return (
+        f"{repo_id} is a gated model: accept its terms at https://huggingface.co/{repo_id} and log in with "
+        "`hf auth login` (or set HF_TOKEN)"
+    )
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -14,7 +14,7 @@ Servers drop the stop string from the returned text; the contract wants ``Genera
 matched string is put back from ``stop_reason`` (vLLM) or ``matched_stop`` (SGLang). Images are resized by the
 same smart-resize rules as the local backend before upload, so a 12-megapixel photo is not sent at full size.
 
-This module imports no torch: a client machine needs only ``pip install 'thyme[openai]'``.
+This module imports no torch: a client machine needs only ``pip install 'thyme-vlm[openai]'``.
 """
 
 from __future__ import annotations

@@ -210,3 +210,9 @@ def _read_model_type(path_or_id: str | Path) -> str:
         config_path = Path(hf_hub_download(str(path_or_id), "config.json"))
     with config_path.open(encoding="utf-8") as handle:
         return str(json.load(handle).get("model_type", ""))
+
+
+def pixel_limits(processor: ProcessorMixin) -> tuple[int, int]:
+    """The processor's default (min_pixels, max_pixels) for images that carry no bounds of their own."""
+    size = processor.image_processor.size
+    return int(size.shortest_edge), int(size.longest_edge)

@@ -37,6 +37,7 @@ from transformers import ProcessorMixin
 from thyme.backends.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingParams
 from thyme.backends.local import _check_model_source
 from thyme.backends.processor import load_processor, prompt_and_images
+from thyme.backends.processor import pixel_limits as processor_pixel_limits
 from thyme.errors import BackendError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ class VLLMBackend:
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="thyme-vllm-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def pixel_limits(self) -> tuple[int, int]:
+        """The default (min_pixels, max_pixels) for images that carry no bounds of their own."""
+        return processor_pixel_limits(self.processor)
 
     @classmethod
     def from_pretrained(

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "thyme.commands.tiny_model",
     "thyme.commands.answer",
     "thyme.commands.eval",
+    "thyme.commands.serve",
     "thyme.commands.data",
     "thyme.ui.cli",
 )

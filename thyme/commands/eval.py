@@ -14,6 +14,7 @@ from thyme.commands.options import (
     agent_config_from_args,
     check_model_name,
     load_model_backend,
+    with_model_pixel_limits,
 )
 
 # Rows in flight into one in-process vLLM engine when --workers is not given: enough to fill a batch.
@@ -55,6 +56,19 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         help="keep the official eval's literal '<image>' after the vision block (parity with the paper's numbers)",
     )
     parser.add_argument("--report-examples", type=int, default=3, metavar="N", help="trajectories in report.md (3)")
+    parser.add_argument(
+        "--judge-endpoint",
+        metavar="URL",
+        help="OpenAI-compatible judge for answers the rules cannot read (key from $THYME_JUDGE_API_KEY)",
+    )
+    parser.add_argument("--judge-model", metavar="NAME", help="the judge's model name (needed with --judge-endpoint)")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="K",
+        help="K sampled runs (needs --sampling ats); results.json has the mean and spread over K (Avg@K)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_eval)
 
@@ -75,6 +89,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--n", type=int, default=100, metavar="N", help="number of rows (100)")
     synth.add_argument("--size", type=int, default=4096, metavar="PX", help="image width in pixels (4096)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(handler=run_synth)
     compare = actions.add_parser(
         "compare",
@@ -87,22 +102,31 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     compare.set_defaults(handler=run_compare)
 
 
-def _load_scripts(path: Path) -> dict[str, list[str]]:
+def _load_scripts(path: Path) -> tuple[dict[str, list[str]], list[str] | None]:
+    """Reads an eval script: ``{"<row index>": [model text, ...]}`` per row, or ONE recording (a list of segments,
+    ``{"segments": [...]}`` like ``thyme/data/examples/readme_17127.json``, or a saved trajectory) that every row
+    replays. Returns (per-row scripts, the one recording or None)."""
+    from thyme.backends.scripted import load_script
     from thyme.errors import ConfigError
 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read script {path}: {exc}") from exc
+    if isinstance(data, list) or (isinstance(data, dict) and "segments" in data):
+        return {}, load_script(path)
     if not isinstance(data, dict):
         raise ConfigError(f'script {path} must be a JSON object {{"<row index>": ["model text", ...]}}')
     scripts = {}
     for index, value in data.items():
         segments = value.get("segments") if isinstance(value, dict) else value
         if not isinstance(segments, list) or not all(isinstance(s, str) for s in segments):
-            raise ConfigError(f"script {path}: row {index!r} must map to a list of model-text strings")
+            raise ConfigError(
+                f"script {path}: row {index!r} must map to a list of model-text strings (or give the whole file "
+                'one recording, {"segments": [...]}, that every row replays)'
+            )
         scripts[str(index)] = segments
-    return scripts
+    return scripts, None
 
 
 def _backend_factory(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -117,7 +141,13 @@ def _backend_factory(args: argparse.Namespace) -> tuple[Any, Any]:
         )
     check_model_name(args)
     if args.scripted:
-        scripts = _load_scripts(args.scripted)
+        scripts, recording = _load_scripts(args.scripted)
+        if recording is not None:
+            print(
+                f"note: scripted replay: every row replays the one recording in {args.scripted} (no model runs)",
+                file=sys.stderr,
+            )
+            return (lambda item: BACKENDS["scripted"](recording)), None
 
         def scripted_for(item: Any) -> Any:
             if item.index not in scripts:
@@ -134,6 +164,19 @@ def _backend_factory(args: argparse.Namespace) -> tuple[Any, Any]:
     return (lambda item: backend), backend
 
 
+def _judge(args: argparse.Namespace) -> Any:
+    """The judge of ``--judge-endpoint`` / ``--judge-model``, or None."""
+    from thyme.errors import ConfigError
+
+    if bool(args.judge_endpoint) != bool(args.judge_model):
+        raise ConfigError("--judge-endpoint and --judge-model go together: name the judge's server and its model")
+    if not args.judge_endpoint:
+        return None
+    from thyme.judge import Judge, judge_api_key
+
+    return Judge(args.judge_endpoint, args.judge_model, api_key=judge_api_key())
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Runs the evaluation and prints the headline numbers and where the files are."""
     from thyme.evaluation.harness import EvalConfig, run_evaluation
@@ -148,11 +191,22 @@ def run_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     agent_config = agent_config_from_args(args, eval_image_quirk=args.eval_image_quirk)
+    judge = _judge(args)
+    if args.samples != 1:
+        from thyme.evaluation.sampling import check_samples, run_samples
+
+        check_samples(args.samples, agent_config)
     backend_for, backend = _backend_factory(args)
+    if args.model:
+        agent_config = with_model_pixel_limits(agent_config, args, backend)
     model = args.model or args.endpoint or f"scripted:{args.scripted}"
     info = {"model": model, "backend": args.engine if args.model else "openai" if args.endpoint else "scripted"}
     try:
-        result = run_evaluation(args.data, args.out, backend_for, config, agent_config, run_info=info)
+        if args.samples != 1:
+            return _report_samples(
+                run_samples(args.data, args.out, backend_for, args.samples, config, agent_config, info, judge)
+            )
+        result = run_evaluation(args.data, args.out, backend_for, config, agent_config, run_info=info, judge=judge)
     finally:
         if backend is not None:
             backend.close()
@@ -164,6 +218,8 @@ def run_eval(args: argparse.Namespace) -> int:
         f"code used in {100 * m.code_use_rate:.1f} % of answers, {m.avg_generation_calls:.2f} generation calls per "
         f"answer, sandbox error rate {100 * m.sandbox_error_rate:.1f} %"
     )
+    if m.judged:
+        print(f"the judge decided {m.judged} row(s) the rules could not read ({m.judged_correct} correct)")
     print(f"wrote {result.out_dir / 'results.json'}, predictions.jsonl and report.md")
     if m.failed:
         # Exit 1 so scripts notice that the scores cover rows that could not be answered.
@@ -173,13 +229,34 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_samples(result: Any) -> int:
+    """Prints the Avg@k figures of a ``--samples`` run; exit 1 when a run left failed rows."""
+    spread = result.accuracy
+    k = len(result.runs)
+    print(f"Avg@{k} accuracy {100 * spread.mean:.1f} % (std {100 * spread.std:.1f}, "
+          f"min {100 * spread.min:.1f}, max {100 * spread.max:.1f}) over {k} sampled runs")  # fmt: skip
+    for name, score in result.categories.items():
+        print(f"  {name}: {100 * score.mean:.1f} % (std {100 * score.std:.1f})")
+    judged = sum(run.metrics.judged for run in result.runs)
+    if judged:
+        print(f"the judge decided {judged} row(s) over the {k} runs")
+    print(f"wrote {result.out_dir / 'results.json'} and one folder per run (sample_1 ... sample_{k})")
+    failed = sum(run.metrics.failed for run in result.runs)
+    if failed:
+        print(f"warning: {failed} row(s) failed over the runs; they run again on resume", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_synth(args: argparse.Namespace) -> int:
     """Generates the synthetic set and prints where it is."""
     from thyme.errors import ConfigError
+    from thyme.evaluation.harness import progress_bar
     from thyme.evaluation.synth import generate_synth
 
     try:
-        path = generate_synth(args.out, n=args.n, size=args.size, seed=args.seed)
+        with progress_bar(args.n, enabled=not args.no_progress, desc="thyme bench synth", unit="img") as tick:
+            path = generate_synth(args.out, n=args.n, size=args.size, seed=args.seed, progress=tick)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     print(f"wrote {args.n} rows to {path}")

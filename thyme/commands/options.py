@@ -45,10 +45,49 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, max_attempts: int, ma
     parser.add_argument("--max-attempts", type=int, default=max_attempts, metavar="N", help=max_attempts_help)
     parser.add_argument("--no-fallback", action="store_true", help="do not ask the plain fallback prompt")
     parser.add_argument("--hide-sandbox-errors", action="store_true", help="drop failed code blocks (original eval)")
-    parser.add_argument("--min-pixels", type=int, default=3136, help="min pixels per image for the model")
-    parser.add_argument("--max-pixels", type=int, default=12_845_056, help="max pixels per image for the model")
+    parser.add_argument(
+        "--min-pixels", type=int, metavar="N", help="min pixels per image for the model (default: the model's; 3136)"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help="max pixels per image for the model (default: the checkpoint's own limit; 12845056 for Thyme)",
+    )
+    add_max_input_pixels_argument(parser)
     parser.add_argument("--sandbox-timeout-s", type=float, default=10.0, help="seconds per code block (10)")
     parser.add_argument("--seed", type=int, help="sampling seed")
+
+
+def add_max_input_pixels_argument(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--max-input-pixels``: the one size limit for input images (default 100 MP, AgentConfig's)."""
+    parser.add_argument(
+        "--max-input-pixels",
+        type=int,
+        metavar="N",
+        help="refuse input images with more pixels than this (default 100000000; about 3 bytes each in memory)",
+    )
+
+
+def with_model_pixel_limits(config: Any, args: argparse.Namespace, backend: Any) -> Any:
+    """The config with a local checkpoint's own image pixel limits where no flag set them.
+
+    The Thyme weights' limits are AgentConfig's defaults, but another checkpoint may have its own: the tiny dry-run
+    model sees images of at most 256x256 px, and Thyme's 12.8 MP would turn the README photo into ~4800 tokens,
+    more than its whole context. A server or a replay has no processor to ask, so the defaults stay.
+    """
+    import dataclasses
+
+    limits = getattr(backend, "pixel_limits", None)
+    if limits is None:
+        return config
+    min_pixels, max_pixels = limits
+    changes = {}
+    if args.min_pixels is None:
+        changes["min_pixels"] = min_pixels if args.max_pixels is None else min(min_pixels, args.max_pixels)
+    if args.max_pixels is None:
+        changes["max_pixels"] = max(max_pixels, changes.get("min_pixels", config.min_pixels))
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def check_model_name(args: argparse.Namespace) -> None:
@@ -87,8 +126,8 @@ def agent_config_from_args(args: argparse.Namespace, **fields: Any) -> Any:
         max_attempts=args.max_attempts,
         use_fallback=not args.no_fallback,
         show_sandbox_errors=not args.hide_sandbox_errors,
-        min_pixels=args.min_pixels,
-        max_pixels=args.max_pixels,
         sandbox_timeout_s=args.sandbox_timeout_s,
+        **{name: getattr(args, name) for name in ("min_pixels", "max_pixels") if getattr(args, name) is not None},
+        **({"max_input_pixels": args.max_input_pixels} if args.max_input_pixels is not None else {}),
         **fields,
     )

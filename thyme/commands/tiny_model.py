@@ -16,7 +16,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "to DIR. Its answers are noise; it exercises every loading, image and generation path without weights."
         ),
     )
-    parser.add_argument("output_dir", type=Path, metavar="DIR", help="directory to write (must be empty or new)")
+    parser.add_argument(
+        "output_dir", type=Path, metavar="DIR", help="directory to write (new, empty, or holding this same tiny model)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing its files")
     parser.add_argument(
@@ -34,12 +36,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_tiny_model(args: argparse.Namespace) -> int:
     """Builds the checkpoint and prints where it is and how to use it."""
-    from thyme.tiny import build_tiny_model
+    from thyme.tiny import build_tiny_model, is_same_tiny_model
 
+    engine = " --engine vllm" if args.head_dim == 64 else ""
+    kept = not args.overwrite and is_same_tiny_model(
+        args.output_dir, seed=args.seed, model_type=args.model_type, head_dim=args.head_dim
+    )
     path = build_tiny_model(
         args.output_dir, seed=args.seed, overwrite=args.overwrite, model_type=args.model_type, head_dim=args.head_dim
     )
-    print(f"tiny {args.model_type} model written to {path} (head_dim {args.head_dim})")
-    engine = " --engine vllm" if args.head_dim == 64 else ""
-    print(f"try: thyme answer IMAGE QUESTION --model {path}{engine}")
+    if kept:
+        print(f"{path} already holds the tiny {args.model_type} model (seed {args.seed}, head_dim {args.head_dim}): "
+              "kept")
+    else:
+        print(f"tiny {args.model_type} model written to {path} (head_dim {args.head_dim})")
+    print(
+        f"try: thyme answer thyme/data/examples/17127.jpg 'What is the plate number?' --model {path}{engine} "
+        "--max-new-tokens 32   (its answers are noise; the run shows the loop's calls, tokens and stop reason)"
+    )
     return 0

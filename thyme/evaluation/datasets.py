@@ -3,11 +3,14 @@
 VLMEvalKit TSV (V* Bench, HR-Bench 4K/8K, MME-RealWorld as VLMEvalKit distributes them) has one row per question:
 ``index``, ``image`` (base64) or ``image_path``, ``question``, optional ``hint``, options in columns ``A``..``E``
 (empty cells mean "no such option"), ``answer`` and ``category`` / ``l2-category``. To save space VLMEvalKit writes
-an image only once: a row whose ``image`` cell is short holds the ``index`` of the row that carries the bytes.
+an image only once: a row whose ``image`` cell is short holds the ``index`` of the row that carries the bytes. A
+question about several images (MMMU, some MME-RealWorld rows) has a list in its ``image`` / ``image_path`` cell, as
+VLMEvalKit writes it (``['<base64>', '<base64>']``).
 
 JSONL has one object per line: ``{"image": PATH_OR_BASE64, "question": ..., "options"?: {"A": ...} or [...],
-"answer": ..., "category"?: ..., "index"?: ...}``. Relative image paths resolve against the file's folder. Extra keys
-(such as the ground-truth ``bbox`` of ``thyme bench synth``) are kept in :attr:`EvalItem.extra`.
+"answer": ..., "category"?: ..., "index"?: ...}``; ``"image"`` may be a list for a question about several images.
+Relative image paths resolve against the file's folder. Extra keys (such as the ground-truth ``bbox`` of
+``thyme bench synth``) are kept in :attr:`EvalItem.extra`.
 
 Loading checks the structure of every row (columns, options, answers) and fails fast with the row named, before
 any model time is spent. Images are decoded by :func:`materialize_image`, which writes base64 images once to a cache
@@ -16,6 +19,7 @@ folder so the sandbox can open them by path; the user's files are never modified
 
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
 import csv
@@ -66,6 +70,8 @@ class EvalItem:
         hint: VLMEvalKit's optional hint shown before the question, or None.
         extra_answers: further accepted answers for short-answer questions (JSONL lists), else empty.
         extra: every other field of the row, kept for the report (e.g. ground-truth boxes).
+        more_images: further images of a multi-image question, in order: a ``Path`` for a file, a ``str`` for
+            base64 bytes (see :func:`materialize_images`).
     """
 
     index: str
@@ -79,6 +85,7 @@ class EvalItem:
     hint: str | None = None
     extra_answers: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    more_images: tuple[Path | str, ...] = ()
 
     @property
     def question_type(self) -> str:
@@ -185,11 +192,18 @@ def _tsv_item(path: Path, line: int, row: dict[str, str | None], by_index: dict[
             raise DatasetError(f"{where}: the {name!r} cell is empty; fill it or drop the row")
     image_b64 = _cell(row, "image")
     image_path = _cell(row, "image_path")
-    if image_b64 is not None and len(image_b64) <= _MAX_IMAGE_REFERENCE_CHARS:
+    is_reference = image_b64 is not None and len(image_b64) <= _MAX_IMAGE_REFERENCE_CHARS
+    if is_reference and not image_b64.lstrip().startswith("["):
         target = by_index.get(image_b64.strip())
         if target is None or _cell(target, "image") is None:
             raise DatasetError(f"{where}: image cell {image_b64!r} is neither base64 nor the index of a row with one")
         image_b64 = _cell(target, "image")
+    more: list[Path | str] = []
+    b64_list, path_list = _cell_list(where, image_b64), _cell_list(where, image_path)
+    if b64_list or path_list:  # several images: base64 wins over paths, as for one image
+        more = list(b64_list) if b64_list else [_resolve(path, p) for p in path_list]
+        image_b64, image_path = (str(more[0]), None) if b64_list else (None, str(more[0]))
+        more = more[1:]
     if image_b64 is None and image_path is None:
         raise DatasetError(f"{where}: both 'image' and 'image_path' are empty; give the image as base64 or a path")
     options = {letter: str(_cell(row, letter)) for letter in OPTION_LETTERS if _cell(row, letter) is not None}
@@ -204,7 +218,24 @@ def _tsv_item(path: Path, line: int, row: dict[str, str | None], by_index: dict[
         category=_cell(row, "category"),
         l2_category=_cell(row, "l2-category") or _cell(row, "l2_category"),
         hint=_cell(row, "hint"),
+        more_images=tuple(more),
     )
+
+
+def _cell_list(where: str, value: str | None) -> list[str]:
+    """The images of a multi-image cell (a JSON or Python list literal of strings), or [] for a single image."""
+    if value is None or not value.lstrip().startswith("["):
+        return []
+    try:
+        items = json.loads(value)
+    except json.JSONDecodeError:
+        try:
+            items = ast.literal_eval(value.strip())  # VLMEvalKit writes Python reprs: ['...', '...']
+        except (ValueError, SyntaxError) as exc:
+            raise DatasetError(f"{where}: the image cell starts with '[' but is not a list of images ({exc})") from exc
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and i for i in items):
+        raise DatasetError(f"{where}: a multi-image cell must be a non-empty list of base64 strings or paths")
+    return items
 
 
 def _resolve(dataset: Path, image: str) -> Path:
@@ -259,25 +290,35 @@ def _jsonl_item(path: Path, where: str, row: dict[str, Any], default_index: str)
     if missing:
         raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}; each line needs image, question, answer")
     answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
-    image = str(row["image"])
-    # base64 has no '.', so an image suffix (or an existing file) tells a path from embedded bytes.
-    is_path = len(image) < _MAX_PATH_CHARS and (
-        Path(image).suffix.lower() in Image.registered_extensions() or _resolve(path, image).is_file()
-    )
+    raw_images = row["image"] if isinstance(row["image"], list) else [row["image"]]
+    if not all(isinstance(image, str) and image for image in raw_images):
+        raise DatasetError(f"{where}: 'image' must be a path or base64 string, or a list of them")
+    images = [_jsonl_image(path, image) for image in raw_images]
+    first = images[0]
     return _make_item(
         where,
         index=str(row.get("index", default_index)),
         question=str(row["question"]),
         answer=str(answers[0]).strip(),
         options=_jsonl_options(where, row.get("options")),
-        image_path=_resolve(path, image) if is_path else None,
-        image_b64=None if is_path else image,
+        image_path=first if isinstance(first, Path) else None,
+        image_b64=first if isinstance(first, str) else None,
         category=_optional_str(row.get("category")),
         l2_category=_optional_str(row.get("l2-category")),
         hint=_optional_str(row.get("hint")),
         extra_answers=tuple(str(a).strip() for a in answers[1:]),
         extra={k: v for k, v in row.items() if k not in _JSONL_KEYS},
+        more_images=tuple(images[1:]),
     )
+
+
+def _jsonl_image(dataset: Path, image: str) -> Path | str:
+    """A resolved path, or the base64 text: base64 has no '.', so an image suffix (or an existing file) tells a path
+    from embedded bytes."""
+    is_path = len(image) < _MAX_PATH_CHARS and (
+        Path(image).suffix.lower() in Image.registered_extensions() or _resolve(dataset, image).is_file()
+    )
+    return _resolve(dataset, image) if is_path else image
 
 
 def _optional_str(value: Any) -> str | None:
@@ -292,6 +333,21 @@ def _jsonl_options(where: str, options: Any) -> dict[str, str]:
     if isinstance(options, dict):
         return {str(letter).upper(): str(text) for letter, text in options.items()}
     raise DatasetError(f"{where}: 'options' must be a list of texts or a {{letter: text}} object")
+
+
+def materialize_images(item: EvalItem, cache_dir: Path) -> list[Path]:
+    """Every image of the item as a path (see :func:`materialize_image`), the first one first.
+
+    Raises:
+        DatasetError: an image path does not exist or embedded bytes are not an image.
+    """
+    paths = [materialize_image(item, cache_dir)]
+    for number, image in enumerate(item.more_images, start=2):
+        single = EvalItem(f"{item.index} (image {number})", item.question, item.answer,
+                          image_path=image if isinstance(image, Path) else None,
+                          image_b64=image if isinstance(image, str) else None)  # fmt: skip
+        paths.append(materialize_image(single, cache_dir))
+    return paths
 
 
 def materialize_image(item: EvalItem, cache_dir: Path) -> Path:

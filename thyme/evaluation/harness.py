@@ -32,11 +32,13 @@ import thyme
 from thyme.backends.base import Backend
 from thyme.config import AgentConfig
 from thyme.errors import ConfigError, ImageError, ProtocolError
-from thyme.evaluation.datasets import DatasetError, EvalItem, load_dataset, materialize_image
+from thyme.evaluation.datasets import DatasetError, EvalItem, load_dataset, materialize_images
+from thyme.evaluation.judging import JUDGE_CACHE_FILE, JudgeStage
 from thyme.evaluation.matching import score_prediction
 from thyme.evaluation.metrics import Metrics, compute_metrics
 from thyme.evaluation.predictions import PREDICTIONS_FILE, Prediction, PredictionsFile
 from thyme.evaluation.report import DEFAULT_REPORT_EXAMPLES, write_report, write_results
+from thyme.judge import Judge
 from thyme.prompts import format_mcq, format_vqa, format_yes_no
 from thyme.trajectory import ModelText, Trajectory
 
@@ -138,8 +140,11 @@ def _usage(trajectories: Sequence[Trajectory]) -> tuple[int, int | None, int]:
     return len(generations), generated, sum(g.prompt_tokens for g in generations)
 
 
-def generate_direct(backend: Backend, image_path: str, question: str, agent_config: AgentConfig) -> Trajectory:
-    """Asks ``question`` about the image in one plain generation: no system prompt, no tools, greedy.
+def generate_direct(
+    backend: Backend, image_path: str | Sequence[str], question: str, agent_config: AgentConfig
+) -> Trajectory:
+    """Asks ``question`` about the image in one plain generation: no system prompt, no tools, greedy (sampled with
+    the prose settings when ``agent_config.sampling`` is ``'ats'``).
 
     This is the chat VLMEvalKit gives a base Qwen2.5-VL (the image, then the formatted question), so ``--mode direct``
     measures the baseline the paper compares against with the same model, backend and harness.
@@ -147,12 +152,14 @@ def generate_direct(backend: Backend, image_path: str, question: str, agent_conf
     Returns:
         A one-segment trajectory (empty system prompt) holding the reply and its Generation.
     """
-    image_item = {"type": "image", "image": image_path, **agent_config.image_options}
-    messages = [{"role": "user", "content": [image_item, {"type": "text", "text": question}]}]
-    sampling = agent_config.greedy_sampling()
+    paths = [image_path] if isinstance(image_path, str) else list(image_path)
+    items = [{"type": "image", "image": path, **agent_config.image_options} for path in paths]
+    messages = [{"role": "user", "content": [*items, {"type": "text", "text": question}]}]
+    # A sampled run (--sampling ats, --samples k) samples the direct reply with the same prose settings.
+    sampling = agent_config.prose_sampling() if agent_config.sampling == "ats" else agent_config.greedy_sampling()
     generation = backend.generate(messages, stop=(), sampling=sampling)
     segment = ModelText(generation.text, generation, sampling)
-    return Trajectory("", question, [image_path], [segment], dict(agent_config.image_options), question,
+    return Trajectory("", question, paths, [segment], dict(agent_config.image_options), question,
                       {"mode": "direct"})  # fmt: skip
 
 
@@ -163,8 +170,8 @@ def direct_answer(trajectory: Trajectory) -> str:
     return answer if answer is not None else trajectory.text.strip()
 
 
-def _answer_direct(backend: Backend, image: Path, question: str, agent_config: AgentConfig) -> dict:
-    trajectory = generate_direct(backend, str(image), question, agent_config)
+def _answer_direct(backend: Backend, images: list[Path], question: str, agent_config: AgentConfig) -> dict:
+    trajectory = generate_direct(backend, [str(image) for image in images], question, agent_config)
     calls, generated, prompt = _usage([trajectory])
     return {
         "prediction": direct_answer(trajectory),
@@ -175,8 +182,9 @@ def _answer_direct(backend: Backend, image: Path, question: str, agent_config: A
     }
 
 
-def _answer_thyme(agent: Any, item: EvalItem, image: Path, question: str) -> dict:
-    result = agent.answer(str(image), question, item_id=item.index)
+def _answer_thyme(agent: Any, item: EvalItem, images: list[Path], question: str) -> dict:
+    inputs = [str(image) for image in images]
+    result = agent.answer(inputs if len(inputs) > 1 else inputs[0], question, item_id=item.index)
     calls, generated, prompt = _usage(result.attempts)
     return {
         "prediction": result.answer if result.has_answer else None,
@@ -208,8 +216,8 @@ class _RowRunner:
         question = format_question(item)
         started = time.perf_counter()
         try:
-            image = materialize_image(item, self.out_dir / IMAGES_DIR)
-            outcome = self._answer(item, image, question)
+            images = materialize_images(item, self.out_dir / IMAGES_DIR)
+            outcome = self._answer(item, images, question)
             error = None
         except ROW_ERRORS as exc:
             logger.warning("row %s failed: %s", item.index, exc)
@@ -230,17 +238,17 @@ class _RowRunner:
             **outcome,
         )
 
-    def _answer(self, item: EvalItem, image: Path, question: str) -> dict:
+    def _answer(self, item: EvalItem, images: list[Path], question: str) -> dict:
         backend = self.backend_for(item)
         if self.config.mode == "direct":
-            return _answer_direct(backend, image, question, self.agent_config)
+            return _answer_direct(backend, images, question, self.agent_config)
         from thyme.agent import ThymeAgent
 
         crops = self.out_dir / CROPS_DIR / _safe_name(item.index)
         crops.mkdir(parents=True, exist_ok=True)
         config = dataclasses.replace(self.agent_config, images_dir=crops)
         agent = ThymeAgent(backend, config=config, sandbox=self.sandbox)
-        return _answer_thyme(agent, item, image, question)
+        return _answer_thyme(agent, item, images, question)
 
 
 def _safe_name(index: str) -> str:
@@ -248,17 +256,20 @@ def _safe_name(index: str) -> str:
 
 
 @contextmanager
-def _progress(total: int, initial: int, enabled: bool) -> Iterator[Callable[[], None]]:
+def progress_bar(
+    total: int, initial: int = 0, enabled: bool = True, *, desc: str = "thyme eval", unit: str = "q"
+) -> Iterator[Callable[[], None]]:
+    """A tqdm bar on stderr for long work (an eval, ``thyme bench synth``); yields the function that advances it."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         if enabled:
-            logger.warning("tqdm is not installed, so no progress bar: pip install 'thyme[eval]'")
+            logger.warning("tqdm is not installed, so no progress bar: pip install 'thyme-vlm[eval]'")
         enabled = False
     if not enabled:
         yield lambda: None
         return
-    with tqdm(total=total, initial=initial, unit="q", desc="thyme eval", dynamic_ncols=True) as bar:
+    with tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True) as bar:
         yield lambda: bar.update(1)
 
 
@@ -293,6 +304,8 @@ def run_evaluation(
     agent_config: AgentConfig | None = None,
     run_info: dict[str, Any] | None = None,
     sandbox: Any = None,
+    judge: Judge | None = None,
+    judge_cache: Path | None = None,
 ) -> EvalResult:
     """Evaluates a model on a benchmark file or folder and writes ``predictions.jsonl``, ``results.json`` and
     ``report.md`` to ``out_dir``.
@@ -306,6 +319,9 @@ def run_evaluation(
             (:data:`EVAL_AGENT_DEFAULTS`), because the agent's retries sample and a benchmark score must repeat.
         run_info: facts recorded in ``results.json`` (model name, backend); the dataset and mode are added.
         sandbox: a started ``thyme.sandbox.Sandbox`` to share (thyme mode); one is started and closed if None.
+        judge: a judge model for the rows the rules cannot decide (:mod:`thyme.evaluation.judging`); rows of an
+            earlier run left undecided are judged too.
+        judge_cache: the verdict cache file; default ``out_dir/judge_cache.jsonl``.
 
     Returns:
         The metrics and predictions of every selected row, including those resumed from an earlier run.
@@ -331,9 +347,16 @@ def run_evaluation(
     logger.info("%d rows to answer, %d already in %s", len(todo), len(items) - len(todo), store.path)
     with _sandbox_context(sandbox, config, agent_config, bool(todo)) as live_sandbox:
         runner = _RowRunner(backend_for, config, agent_config, out, live_sandbox)
-        with _progress(len(items), len(items) - len(todo), config.progress) as tick:
+        with progress_bar(len(items), len(items) - len(todo), config.progress) as tick:
             _run_rows(todo, runner, store, config.workers, tick)
     recorded = store.load()
+    judge_info = None
+    if judge is not None:
+        stage = JudgeStage(judge, judge_cache or out / JUDGE_CACHE_FILE)
+        for decided in stage.decide({item.index: item for item in items}, [recorded[i.index] for i in items]):
+            store.append(decided)  # the last record of an index wins on load
+        recorded = store.load()
+        judge_info = {"endpoint": judge.base_url, "model": judge.model, "questions_asked": stage.asked}
     predictions = [recorded[item.index] for item in items]
     metrics = compute_metrics(predictions)
     info = {
@@ -344,6 +367,8 @@ def run_evaluation(
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **(run_info or {}),
     }
+    if judge_info is not None:
+        info["judge"] = judge_info
     info["agent_config"] = {k: str(v) if isinstance(v, Path) else v for k, v in agent_config.__dict__.items()}
     write_results(out, metrics, info)
     write_report(out, predictions, metrics, info, examples=config.report_examples)

@@ -1,10 +1,11 @@
 """Rule-based answer matching, the way VLMEvalKit scores multiple choice, yes/no and short answers.
 
 VLMEvalKit first looks for an option letter in the prediction, then for the text of exactly one option, and only
-then (optionally) asks an LLM judge. We implement the two rule stages, without the judge, so scores need no API key;
-predictions that no rule resolves count as wrong and are marked ``matched=None`` in the predictions file, so a user
-can count how many a judge could have rescued. Released Thyme outputs carry markdown and both letter and text
-(``<answer> **C. S QT 911** </answer>``, reference section 1.6), which these rules resolve to ``C``.
+then (optionally) asks an LLM judge. These are the two rule stages, so scores need no API key; predictions that no
+rule resolves count as wrong and are marked ``extracted=None`` in the predictions file, so a user can count how many
+a judge could rescue. The judge stage, when asked for, is :mod:`thyme.evaluation.judging`. Released Thyme outputs
+carry markdown and both letter and text (``<answer> **C. S QT 911** </answer>``, reference section 1.6), which
+these rules resolve to ``C``.
 
 The input is the answer text already taken out of ``<answer>...</answer>`` (see :mod:`thyme.protocol`).
 """

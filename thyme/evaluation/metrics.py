@@ -39,7 +39,9 @@ class Metrics:
         categories: category -> score; rows without a category are under ``"(none)"``.
         l2_categories: second-level category -> score (MME-RealWorld), empty when the data has none.
         question_types: ``mcq`` / ``yes_no`` / ``vqa`` -> score.
-        unmatched: rows whose answer no matching rule could read (a judge model might rescue them).
+        unmatched: rows whose answer neither a matching rule nor the judge could read.
+        judged: rows a judge model decided because the rules could not (``thyme eval --judge-endpoint``).
+        judged_correct: of those, the rows the judge's verdict made correct.
         failed: rows that could not be answered at all (``Prediction.error`` set).
         code_use_rate: share of rows whose trajectory ran at least one code block.
         fallback_rate: share of rows answered by the plain fallback prompt (no tools) after the attempts failed.
@@ -58,6 +60,8 @@ class Metrics:
     l2_categories: dict[str, CategoryScore] = field(default_factory=dict)
     question_types: dict[str, CategoryScore] = field(default_factory=dict)
     unmatched: int = 0
+    judged: int = 0
+    judged_correct: int = 0
     failed: int = 0
     code_use_rate: float = 0.0
     fallback_rate: float = 0.0
@@ -125,7 +129,9 @@ def compute_metrics(predictions: Iterable[Prediction]) -> Metrics:
         categories=categories,
         l2_categories=_group(rows, "l2_category") if any(r.l2_category for r in rows) else {},
         question_types=_group(rows, "question_type"),
-        unmatched=sum(1 for r in rows if r.prediction is not None and r.extracted is None),
+        unmatched=sum(1 for r in rows if r.prediction is not None and r.extracted is None and not r.judged),
+        judged=sum(1 for r in rows if r.judged),
+        judged_correct=sum(1 for r in rows if r.judged and r.correct),
         failed=sum(1 for r in rows if r.error is not None),
         code_use_rate=mean(1.0 if r.code_blocks else 0.0 for r in rows),
         fallback_rate=mean(1.0 if r.used_fallback else 0.0 for r in rows),

@@ -31,8 +31,11 @@ class Prediction:
         question: the formatted question text the model saw (before the Thyme user template).
         answer: the ground truth.
         prediction: the model's answer text (inside ``<answer>``), or None when it gave none.
-        extracted: what the matcher read from it (letter, yes/no, normalised text), or None.
+        extracted: what the matcher (or the judge) read from it (letter, yes/no, normalised text), or None.
         correct: whether it matched the ground truth.
+        judged: whether a judge model decided ``extracted``/``correct`` because the rules could not
+            (see :mod:`thyme.evaluation.judging`).
+        judge_verdict: the judge's reply value (an option letter or ``Z``, ``yes``/``no``/``unknown``, ``1``/``0``).
         generation_calls: how many times the model generated.
         code_blocks: how many code blocks the sandbox ran.
         sandbox_errors: how many of those ended in an error shown to the model.
@@ -69,6 +72,8 @@ class Prediction:
     trajectory: Any = None
     error: str | None = None
     elapsed_s: float = 0.0
+    judged: bool = False
+    judge_verdict: str | None = None
 
     def to_json(self) -> str:
         """One line of ``predictions.jsonl``."""

@@ -64,6 +64,7 @@ def _summary(metrics: Metrics, run_info: dict[str, Any]) -> list[str]:
         lines.append(f"- Mean of category accuracies: {_percent(metrics.macro_accuracy)} %")
     lines += [
         f"- Answers no rule could read (a judge might): {metrics.unmatched}; rows that failed: {metrics.failed}",
+        f"- Rows decided by the judge model: {metrics.judged} ({metrics.judged_correct} of them correct)",
         f"- Used code: {_percent(metrics.code_use_rate)} % of answers; generation calls per answer: "
         f"{metrics.avg_generation_calls:.2f}; answered by the fallback prompt: {_percent(metrics.fallback_rate)} %",
         f"- Sandbox runs: {metrics.sandbox_runs}, of which {_percent(metrics.sandbox_error_rate)} % ended in an error",
@@ -161,16 +162,35 @@ def write_report(
 def _load_results(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RESULTS_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read {path} ({exc}): pass the --out folder of a finished `thyme eval` run") from exc
+    if "metrics" not in data:
+        hint = "compare one of its sample_<i> folders" if "samples" in data else "pass the --out folder of a run"
+        raise ConfigError(f"{path} holds no per-run metrics (a --samples summary?): {hint}")
+    return data
+
+
+def _comparability_warnings(base: dict, new: dict, base_dir: Path, new_dir: Path) -> list[str]:
+    """Lines that say when the two runs did not score the same rows (a 2-row run against a 200-row one)."""
+    warnings = []
+    b_total, n_total = base["metrics"].get("total"), new["metrics"].get("total")
+    if b_total != n_total:
+        warnings.append(
+            f"> **warning**: the runs scored different numbers of rows ({base_dir.name}: {b_total}, {new_dir.name}: "
+            f"{n_total}), so the difference is not a like-for-like comparison (finish or --limit both runs alike)."
+        )
+    if base.get("dataset") and new.get("dataset") and base["dataset"] != new["dataset"]:
+        warnings.append(f"> **warning**: the runs used different data ({base['dataset']} and {new['dataset']}).")
+    return [*warnings, ""] if warnings else []
 
 
 def compare_runs(base_dir: Path, new_dir: Path) -> str:
     """A markdown table of accuracy per category and overall for two runs, with the difference in points.
 
     This is how a tool-use gain is reported: ``--mode direct`` as the base, ``--mode thyme`` as the new run, both
-    from the same harness. Categories present in only one run show ``-`` for the other.
+    from the same harness. Categories present in only one run show ``-`` for the other; runs over different rows
+    or data get a warning above the table.
 
     Raises:
         ConfigError: a folder has no readable ``results.json``.
@@ -190,6 +210,7 @@ def compare_runs(base_dir: Path, new_dir: Path) -> str:
         lines.append(
             f"| {name} | {_percent(b) if b is not None else '-'} | {_percent(n) if n is not None else '-'} | {delta} |"
         )
+    lines = _comparability_warnings(base, new, base_dir, new_dir) + lines
     tools = new["metrics"]
     lines += ["", f"{new_dir.name}: code used in {_percent(tools['code_use_rate'])} % of answers, "
               f"{tools['avg_generation_calls']:.2f} generation calls per answer."]  # fmt: skip

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,7 +189,9 @@ def _question(category: str, targets: list[_Target], rng: random.Random) -> dict
     return {"question": f"What number is written on the {tag.color} tag?", "answer": tag.text, "bbox": [list(tag.box)]}
 
 
-def generate_synth(out_dir: str | Path, n: int, size: int = 4096, seed: int = 0) -> Path:
+def generate_synth(
+    out_dir: str | Path, n: int, size: int = 4096, seed: int = 0, progress: Callable[[], None] | None = None
+) -> Path:
     """Writes ``n`` synthetic high-resolution questions to ``out_dir`` (``synth.jsonl`` plus ``images/``).
 
     Args:
@@ -196,6 +199,7 @@ def generate_synth(out_dir: str | Path, n: int, size: int = 4096, seed: int = 0)
         n: how many rows (one image each).
         size: image width in pixels (height is ``0.75 * size``); 4096 matches HR-Bench 4K.
         seed: everything random follows from it.
+        progress: called after each image is written (a 4096-px image takes about a tenth of a second).
 
     Returns:
         The path of the JSONL file, readable by :func:`thyme.evaluation.datasets.load_dataset`.
@@ -218,6 +222,8 @@ def generate_synth(out_dir: str | Path, n: int, size: int = 4096, seed: int = 0)
         targets = _draw_targets(image, rng, unit)
         name = f"images/synth_{index:05d}.jpg"
         image.save(out / name, quality=JPEG_QUALITY)
+        if progress is not None:
+            progress()
         category = CATEGORIES[index % len(CATEGORIES)]
         rows.append({"index": str(index), "image": name, "category": category, **_question(category, targets, rng)})
     path = out / SYNTH_FILE

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -176,3 +177,48 @@ def test_driver_survives_a_refused_request(vllm_driver, vllm_processor):
     start = time.perf_counter()
     output = vllm_driver.generate({"prompt_token_ids": [100, 101, 102]}, VLLMSamplingParams(max_tokens=2))
     assert len(output.outputs[0].token_ids) == 2 and time.perf_counter() - start < 120
+
+
+class _OvershootingEngine:
+    """The real driver, except that the first sampling request returns ``ids`` as if the engine sampled them (the
+    tiny model never writes ``</code>``): the prompt-log-prob requests that score replacement tokens stay real."""
+
+    def __init__(self, driver, ids: list[int], logprobs: list[float]):
+        self._driver, self._ids, self._logprobs = driver, ids, logprobs
+
+    def generate(self, prompt, params):
+        if params.prompt_logprobs is not None:
+            return self._driver.generate(prompt, params)
+        real = self._driver.generate(prompt, params)  # for the expanded prompt ids vLLM reports
+        entries = [{token: SimpleNamespace(logprob=lp)} for token, lp in zip(self._ids, self._logprobs, strict=True)]
+        completion = SimpleNamespace(token_ids=self._ids, logprobs=entries, finish_reason="stop",
+                                     stop_reason="</code>", text=None)  # fmt: skip
+        return SimpleNamespace(prompt_token_ids=real.prompt_token_ids, outputs=[completion])
+
+
+def test_a_sampled_token_past_the_stop_is_replaced_as_the_transformers_path_does(
+    vllm_driver, vllm_processor, readme_image, hf_policy
+):
+    """The engine samples `>\\n` to close `</code>`; the loop cuts after `>` and appends `<sandbox_output>`. The kept
+    ids must be the conversation's own tokenisation (`><`, ...), as PolicyBackend keeps them, and the `><` token the
+    policy wrote is scored by the engine at temperature 1: the loss forward's log-prob at that position."""
+    from thyme.train.vllm_rollout import VLLMPolicyBackend
+
+    tokenizer = vllm_processor.tokenizer
+    script_ids = tokenizer("x = 1\n</code", add_special_tokens=False)["input_ids"]
+    overshoot, merged = tokenizer.convert_tokens_to_ids([">Ċ", "><"])  # `>\n` in byte-level BPE, and `><`
+    ids = [*script_ids, overshoot]
+    engine = _OvershootingEngine(vllm_driver, ids, [-1.0] * len(ids))
+    backend = VLLMPolicyBackend(engine, vllm_processor, lock=threading.Lock())
+    opened = {"role": "assistant", "content": [{"type": "text", "text": "<code>\n"}]}
+    generation = backend.generate([*_messages(readme_image), opened], stop=ATS_CODE_STOP_STRINGS, sampling=CODE)
+    assert generation.finish_reason == FINISH_STOP and generation.text == "x = 1\n</code>"
+    text = "<code>\n" + generation.text + SANDBOX_OUTPUT_OPEN + "done" + SANDBOX_OUTPUT_CLOSE
+    following = {"role": "assistant", "content": [{"type": "text", "text": text}]}
+    backend._append_loop_text([*_messages(readme_image), following])
+    tokens = backend.tokens
+    assert tokens.completion_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    position = tokens.completion_ids.index(merged)
+    assert tokens.tool_mask[position] == 1
+    reference = _trainer_logps(backend, hf_policy)
+    assert tokens.logprobs[position] == pytest.approx(reference[position].item(), abs=2e-4)

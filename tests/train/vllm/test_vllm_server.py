@@ -115,7 +115,7 @@ def test_server_rollout_calls_report_the_losss_logprobs(server_client, vllm_proc
     assert torch.allclose(reported, reference[sampled], atol=2e-4), (reported - reference[sampled]).abs().max()
     # Scripted text scored by the server (prompt log-probs) after the crop: the trainer's values too.
     ids = code.token_ids[:3]
-    scored = torch.tensor(backend._score_ids(ids))
+    scored = torch.tensor(backend._score(ids))
     tokens.completion_ids.extend(ids)
     try:
         expected = _trainer_logps(backend, hf_policy)[-len(ids) :]

@@ -95,11 +95,11 @@ class ToolkitAnswerer:
         )
         self._agent: Any = None
 
-    def answer(self, image: ImageSource, question: str, item_id: str | None = None) -> str:
+    def answer(self, image: ImageSource | list[ImageSource], question: str, item_id: str | None = None) -> str:
         """Returns the answer text (inside ``<answer>``; the original's "No answer tag found..." when none).
 
         Args:
-            image: a path, PIL image or numpy array (toolkits hand over PIL images).
+            image: a path, PIL image or numpy array (toolkits hand over PIL images), or a list of them.
             question: the already formatted question.
             item_id: the sample id used in sandbox error messages.
         """
@@ -107,11 +107,15 @@ class ToolkitAnswerer:
             return self._thyme_agent().answer(image, question, item_id=item_id).answer
         from thyme.evaluation.harness import direct_answer, generate_direct
 
-        source = open_input_image(image, max_pixels=self.config.max_input_pixels)
+        sources = []
         try:
-            return direct_answer(generate_direct(self.backend, source.path, question, self.config))
+            for each in image if isinstance(image, list) else [image]:
+                sources.append(open_input_image(each, max_pixels=self.config.max_input_pixels))
+            paths = [source.path for source in sources]
+            return direct_answer(generate_direct(self.backend, paths, question, self.config))
         finally:
-            source.cleanup()
+            for source in sources:
+                source.cleanup()
 
     def _thyme_agent(self) -> Any:
         if self._agent is None:

@@ -57,7 +57,8 @@ class ThymeLMMs(lmms):
                 raise ValueError(
                     f"{task}/{split} doc {doc_id} has no image: thyme_agent answers questions about images"
                 )
-            answers.append(self.answerer.answer(visuals[0], context, item_id=f"{task}-{doc_id}"))
+            images = visuals if len(visuals) > 1 else visuals[0]
+            answers.append(self.answerer.answer(images, context, item_id=f"{task}-{doc_id}"))
         return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:

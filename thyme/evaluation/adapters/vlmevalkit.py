@@ -21,7 +21,6 @@ written on. So this class is tested only through its toolkit-independent parts (
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -29,8 +28,6 @@ from typing import Any
 from thyme.evaluation.adapters.answerer import ToolkitAnswerer
 from thyme.evaluation.datasets import OPTION_LETTERS
 from thyme.evaluation.harness import format_by_type
-
-logger = logging.getLogger(__name__)
 
 try:
     from vlmeval.vlm.base import BaseModel as _VLMEvalKitBase
@@ -96,14 +93,12 @@ class ThymeVLM(_VLMEvalKitBase):  # type: ignore[misc, valid-type]
         return [*({"type": "image", "value": p} for p in paths), {"type": "text", "value": text}]
 
     def generate_inner(self, message: list[dict[str, str]], dataset: str | None = None) -> str:
-        """Answers one VLMEvalKit message; Thyme's sandbox works on one image, so the first image is used."""
+        """Answers one VLMEvalKit message; several images all go to the model and the sandbox."""
         images = [item["value"] for item in message if item["type"] == "image"]
         text = "\n".join(item["value"] for item in message if item["type"] == "text")
         if not images:
             raise ValueError("Thyme needs an image: the message has none")
-        if len(images) > 1:
-            logger.warning("Thyme answers about one image; using the first of %d", len(images))
-        return self.answerer.answer(images[0], text)
+        return self.answerer.answer(images if len(images) > 1 else images[0], text)
 
 
 def _dataset_type(dataset: str) -> str | None:

@@ -1,6 +1,6 @@
 """The sandbox as an MCP server, so any MCP client (a desktop assistant, another agent) can crop and zoom images.
 
-Three tools over one :class:`~.server_sessions.SessionRegistry` (the same limits as the HTTP server):
+Three tools over one :class:`~.sessions.SessionRegistry` (the same limits as the HTTP server):
 
 - ``load_image``: opens a session on an image given by path (under an allowed root) or as base64 data; answers
   with the session id and the path the code must open.
@@ -26,24 +26,25 @@ from typing import Any
 try:
     from mcp.server.mcpserver import MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
+    from mcp.server.transport_security import TransportSecuritySettings
     from mcp.types import ImageContent, TextContent
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("the MCP server needs the mcp SDK: pip install 'thyme[server]'") from exc
+    raise ImportError("the MCP server needs the mcp SDK: pip install 'thyme-vlm[server]'") from exc
 
-from .errors import SandboxError
-from .server_config import ServerConfig
-from .server_errors import RequestRejected
-from .server_inputs import resolve_server_path, save_uploads
-from .server_metrics import ServerMetrics
-from .server_sessions import SandboxLike, SessionRegistry
+from ..errors import SandboxError
+from ..returned import open_returned_image
+from .app import IMAGE_MIME_TYPES, uvicorn_config
+from .config import ServerConfig
+from .errors import RequestRejected
+from .inputs import resolve_server_path, save_uploads
+from .metrics import ServerMetrics
+from .sessions import SandboxLike, SessionRegistry
 
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "thyme-sandbox"
 MCP_PATH = "/mcp"
 MAX_IMAGES_RETURNED = 8  # a program that saves more gets the first ones as images and the rest named in the text
-IMAGE_MIME_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
-                    ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 
 INSTRUCTIONS = """\
 Think with images: load an image, then run Python on it to crop, zoom, rotate or enhance regions you need to see
@@ -146,10 +147,13 @@ class SandboxTools:
             lines.append(f"only the first {len(shown)} images are returned as image content")
         content: list[TextContent | ImageContent] = [TextContent(type="text", text="\n".join(lines))]
         for image in shown:
-            path = Path(image)
-            mime = IMAGE_MIME_TYPES.get(path.suffix.lower(), "application/octet-stream")
-            content.append(ImageContent(type="image", data=base64.b64encode(path.read_bytes()).decode(),
-                                        mime_type=mime))  # fmt: skip
+            opened = open_returned_image(image)  # a regular file of this session's results, never through a link
+            if opened is None:
+                raise ToolError(f"the saved image {Path(image).name!r} is no longer there: run the code again")
+            with opened[0] as file:
+                data = base64.b64encode(file.read()).decode()
+            mime = IMAGE_MIME_TYPES.get(Path(image).suffix.lower(), "application/octet-stream")
+            content.append(ImageContent(type="image", data=data, mime_type=mime))
         return content
 
     def close_session(self, session_id: str) -> str:
@@ -211,13 +215,33 @@ def run_mcp(config: ServerConfig, sandbox: SandboxLike, transport: str) -> None:
 def _run_http(server: MCPServer, config: ServerConfig) -> None:
     import uvicorn
 
-    from .server_body_limit import BodySizeLimit
+    from .guard import BrowserGuard, allowed_host_names
+    from .limits import BodySizeLimit
 
-    app: Any = server.streamable_http_app(streamable_http_path=MCP_PATH, host=config.host)
+    hosts = allowed_host_names(config.host, config.allowed_hosts)
+    app: Any = server.streamable_http_app(streamable_http_path=MCP_PATH, host=config.host,
+                                          transport_security=transport_security(hosts))  # fmt: skip
     app = BodySizeLimit(app, config.max_request_bytes)
     if config.token is not None:
         app = BearerTokenGate(app, config.token)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    app = BrowserGuard(app, hosts, client_header_required=config.token is None)
+    uvicorn.Server(uvicorn_config(app, config)).run()
+
+
+def transport_security(hosts: frozenset[str] | None) -> TransportSecuritySettings:
+    """The SDK's own DNS-rebinding protection, set to the same host names as :class:`~.guard.BrowserGuard`.
+
+    The guard in front already refuses foreign hosts and origins; the SDK's check stays on as a second line, as the
+    MCP transport guidance asks (the SDK turns it on by itself only for the exact hosts 127.0.0.1, localhost, ::1).
+    """
+    if hosts is None:
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    names = sorted(f"[{host}]" if ":" in host else host for host in hosts)
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[pattern for name in names for pattern in (name, f"{name}:*")],
+        allowed_origins=[pattern for name in names for pattern in (f"http://{name}", f"http://{name}:*")],
+    )
 
 
 class BearerTokenGate:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from thyme.sandbox.server_config import ServerConfig
+    from thyme.sandbox.server.config import ServerConfig
 
 DEFAULT_MCP_PORT = 8766
 
@@ -44,6 +44,8 @@ def _add_network_flags(parser: argparse.ArgumentParser, default_port: int) -> No
                         help="file whose first line is the bearer token clients must send; required off loopback")
     parser.add_argument("--allow-root", dest="allowed_roots", action="append", type=Path, default=None,
                         metavar="DIR", help="folder whose images clients may name by path (repeatable)")  # fmt: skip
+    parser.add_argument("--allow-host", dest="allowed_hosts", action="append", default=None, metavar="NAME",
+                        help="another host name clients reach the server by (repeatable; loopback names always)")
 
 
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,17 +56,20 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-wait-s", type=float, default=10.0, help="wait for a slot before 'busy' (default 10)")
     parser.add_argument("--idle-timeout-s", type=float, default=600.0, help="close idle sessions (default 600)")
     parser.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body (default 32)")
+    parser.add_argument("--request-timeout-s", type=float, default=30.0,
+                        help="drop a request whose headers and body have not arrived within this (default 30)")
     parser.add_argument("--max-pixels", type=int, default=None, help="largest image in pixels (default 64,000,000)")
 
 
 def _config(args: argparse.Namespace, default_roots: list[Path]) -> ServerConfig:
-    from thyme.sandbox.server_config import ServerConfig, read_token_file
+    from thyme.sandbox.server.config import ServerConfig, read_token_file
 
     optional = {"max_sessions": args.max_sessions, "max_pixels": args.max_pixels}
     return ServerConfig(
         host=args.host, port=args.port,
         token=read_token_file(args.token_file) if args.token_file is not None else None,
         allowed_roots=args.allowed_roots if args.allowed_roots is not None else default_roots,
+        allowed_hosts=args.allowed_hosts or [], request_timeout_s=args.request_timeout_s,
         workers=args.workers, timeout_s=args.timeout_s, max_queue=args.max_queue, queue_wait_s=args.queue_wait_s,
         idle_timeout_s=args.idle_timeout_s, max_request_mb=args.max_request_mb,
         **{name: value for name, value in optional.items() if value is not None},
@@ -73,7 +78,7 @@ def _config(args: argparse.Namespace, default_roots: list[Path]) -> ServerConfig
 
 def serve_http(args: argparse.Namespace) -> int:
     """Handler of ``thyme sandbox serve``: runs until interrupted."""
-    from thyme.sandbox.server import serve
+    from thyme.sandbox.server.app import serve
 
     config = _config(args, default_roots=[])
     access = "bearer token required" if config.token else "no token: loopback only"
@@ -90,7 +95,7 @@ def serve_mcp(args: argparse.Namespace) -> int:
     """
     from thyme.sandbox.limits import Limits
     from thyme.sandbox.local import Sandbox
-    from thyme.sandbox.mcp_server import run_mcp
+    from thyme.sandbox.server.mcp import run_mcp
 
     config = _config(args, default_roots=[Path.home()] if args.transport == "stdio" else [])
     limits = Limits(timeout_s=config.timeout_s, max_pixels=config.max_pixels)

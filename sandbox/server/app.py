@@ -30,24 +30,28 @@ try:
     import anyio.to_thread
     from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from pydantic import BaseModel, Field
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("the sandbox server needs FastAPI and uvicorn: pip install 'thyme[server]'") from exc
+    raise ImportError("the sandbox server needs FastAPI and uvicorn: pip install 'thyme-vlm[server]'") from exc
 
-from .errors import InvalidInput, SandboxClosed, SandboxError, WorkerCrashed, WorkerError
-from .server_body_limit import BodySizeLimit
-from .server_config import ServerConfig
-from .server_errors import RequestRejected, ServerError, Unauthorized
-from .server_inputs import resolve_server_path, save_uploads
-from .server_metrics import ServerMetrics, count_workers_alive
-from .server_sessions import SandboxLike, SessionRegistry
+from ..errors import InvalidInput, SandboxClosed, SandboxError, WorkerCrashed, WorkerError
+from ..returned import open_returned_image
+from .config import ServerConfig
+from .errors import RequestRejected, ServerError, Unauthorized
+from .guard import BrowserGuard, allowed_host_names
+from .inputs import resolve_server_path, save_uploads
+from .limits import BodySizeLimit, deadline_protocol
+from .metrics import ServerMetrics, count_workers_alive
+from .sessions import SandboxLike, SessionRegistry
 
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/v1"
 SPARE_THREADS = 8  # threads beyond sessions + queue, for image fetches and closes
+IMAGE_MIME_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+                    ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 
 
 class SessionInfo(BaseModel):
@@ -64,7 +68,7 @@ class RunRequest(BaseModel):
 
 class ImageRef(BaseModel):
     name: str
-    path: str = Field(description="the path on the server, as the code printed it")
+    path: str = Field(description="the checked copy on the server (its name is the one the code printed)")
     url: str = Field(description="where to GET the image bytes")
 
 
@@ -106,8 +110,8 @@ def error_response(status: int, kind: str, message: str, headers: dict[str, str]
 
 
 def _make_sandbox(config: ServerConfig) -> SandboxLike:
-    from .limits import Limits
-    from .local import Sandbox
+    from ..limits import Limits
+    from ..local import Sandbox
 
     return Sandbox(limits=Limits(timeout_s=config.timeout_s, max_pixels=config.max_pixels), pool_size=config.workers)
 
@@ -158,6 +162,9 @@ def create_app(config: ServerConfig, sandbox: SandboxLike | None = None) -> Fast
     app.state.config = config
     app.state.metrics = metrics
     app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes, on_reject=metrics.record_error)
+    # Added last, so it runs first: a browser's request is refused before anything else looks at it.
+    app.add_middleware(BrowserGuard, allowed_hosts=allowed_host_names(config.host, config.allowed_hosts),
+                       client_header_required=config.token is None, on_reject=metrics.record_error)  # fmt: skip
     _add_error_handlers(app, metrics)
     _add_routes(app, config, metrics)
     return app
@@ -258,21 +265,39 @@ def _add_routes(app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> N
                            repairs=list(result.repairs), duration_s=round(time.monotonic() - started, 6))  # fmt: skip
 
     @app.get(f"{API_PREFIX}/sessions/{{session_id}}/images/{{name}}", tags=["sessions"], dependencies=auth,
-             response_class=FileResponse)  # fmt: skip
-    def fetch_image(request: Request, session_id: str, name: str) -> FileResponse:
+             response_class=StreamingResponse)  # fmt: skip
+    def fetch_image(request: Request, session_id: str, name: str) -> StreamingResponse:
         entry = registry(request).get(session_id)
         path = entry.images.get(name)
-        if path is None or not path.is_file():
+        opened = open_returned_image(path) if path is not None else None
+        if opened is None:
             raise RequestRejected(
                 f"session {session_id!r} has no image {name!r}: fetch one of the names a run returned",
                 kind="image_not_found", status=404,
             )  # fmt: skip
-        return FileResponse(path)
+        file, size = opened
+        return StreamingResponse(_chunks(file), media_type=IMAGE_MIME_TYPES.get(Path(name).suffix.lower()),
+                                 headers={"content-length": str(size)})  # fmt: skip
 
     @app.delete(f"{API_PREFIX}/sessions/{{session_id}}", status_code=204, tags=["sessions"], dependencies=auth)
     def close_session(request: Request, session_id: str) -> Response:
         registry(request).close(session_id)
         return Response(status_code=204)
+
+
+def _chunks(file: Any, size: int = 1 << 16) -> Any:
+    """Streams an open file and closes it (runs in the thread pool: the reads block)."""
+    with file:
+        while chunk := file.read(size):
+            yield chunk
+
+
+def uvicorn_config(app: Any, config: ServerConfig) -> Any:
+    """The uvicorn settings of a sandbox server: its address, and the request deadline of :mod:`.limits`."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                          http=deadline_protocol(config.request_timeout_s))  # fmt: skip
 
 
 def serve(config: ServerConfig, sandbox: SandboxLike | None = None) -> None:
@@ -285,4 +310,4 @@ def serve(config: ServerConfig, sandbox: SandboxLike | None = None) -> None:
 
     logger.info("sandbox server on http://%s:%d (token %s)", config.host, config.port,
                 "required" if config.token else "not required")  # fmt: skip
-    uvicorn.run(create_app(config, sandbox), host=config.host, port=config.port, log_level="warning")
+    uvicorn.Server(uvicorn_config(create_app(config, sandbox), config)).run()

@@ -1,22 +1,21 @@
 """Input images of the tool server: uploads saved under a session folder, server-side paths checked against roots.
 
-Only the image *header* is read here (PIL's ``Image.open`` is lazy), to refuse a file that is not an image or has
-too many pixels with a clear answer before a session is opened; the pixels themselves are decoded only inside the
-sandbox worker.
+Only the image *header* is read here, in the bounded checker child of :mod:`..image_check` (a parse bomb costs
+it a few seconds at most, never the server's memory), to refuse a file that is not an image or has too many pixels
+with a clear answer before a session is opened; the pixels themselves are decoded only inside the sandbox worker.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image, UnidentifiedImageError
-
-from .server_errors import RequestRejected
+from ..image_check import ImageCheckFailed, check_image, describe
+from .errors import RequestRejected
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_NAME_CHARS = 100
@@ -36,29 +35,29 @@ def check_image_header(path: Path, shown_name: str, max_pixels: int) -> tuple[in
     Raises:
         RequestRejected: kind ``not_an_image`` (422) or ``image_too_large`` (413).
     """
-    too_large = (
-        f"image {shown_name!r} has more than {max_pixels:,} pixels, the server's limit: "
-        "send a smaller image (resize it first) or start the server with a larger --max-pixels"
-    )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-    except Image.DecompressionBombError as exc:
-        raise RequestRejected(too_large, kind="image_too_large", status=413) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise RequestRejected(f"{shown_name!r} cannot be read on the server ({exc.strerror})") from exc
+    try:
+        header = check_image(fd, max_pixels, allow_animated=True)
+    except ImageCheckFailed as failure:
+        if failure.kind == "too_large":
+            size = (f"is {failure.size[0]}x{failure.size[1]} = {failure.size[0] * failure.size[1]:,} pixels; "
+                    if failure.size else "has more pixels than ")  # fmt: skip
+            raise RequestRejected(
+                f"image {shown_name!r} {size}the server accepts at most {max_pixels:,}: send a smaller image (resize "
+                "it first) or start the server with a larger --max-pixels",
+                kind="image_too_large", status=413,
+            ) from None  # fmt: skip
+        reason = failure.detail if failure.kind == "not_an_image" else describe(failure, "it", max_pixels)
         raise RequestRejected(
-            f"{shown_name!r} is not an image PIL can read ({exc}): send a JPEG, PNG, WebP, BMP or TIFF file",
+            f"{shown_name!r} is not an image PIL can read ({reason}): send a JPEG, PNG, WebP, BMP, GIF or TIFF file",
             kind="not_an_image", status=422,
-        ) from exc  # fmt: skip
-    if width * height > max_pixels:
-        raise RequestRejected(
-            f"image {shown_name!r} is {width}x{height} = {width * height:,} pixels; the server accepts at most "
-            f"{max_pixels:,}: send a smaller image (resize it first) or start the server with a larger --max-pixels",
-            kind="image_too_large", status=413,
-        )  # fmt: skip
-    return width, height
+        ) from None  # fmt: skip
+    finally:
+        os.close(fd)
+    return header.width, header.height
 
 
 def safe_file_name(name: str | None, index: int, taken: set[str]) -> str:

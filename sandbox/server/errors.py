@@ -17,7 +17,7 @@ SandboxError                       (thyme.sandbox.errors)
 
 from __future__ import annotations
 
-from .errors import InvalidInput, SandboxClosed, SandboxError
+from ..errors import InvalidInput, SandboxClosed, SandboxError
 
 
 class ServerError(SandboxError):

@@ -10,8 +10,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidInput
-from .limits import DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT_S
+from ..errors import InvalidInput
+from ..limits import DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT_S
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -23,6 +23,7 @@ DEFAULT_QUEUE_WAIT_S = 10.0
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_CODE_CHARS = 100_000
 DEFAULT_MAX_IMAGES_PER_SESSION = 8
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
 
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
@@ -76,6 +77,11 @@ class ServerConfig:
         token (`str`, *optional*): bearer token every API call must carry (``Authorization: Bearer <token>``).
         allowed_roots (`list[Path]`): folders whose images a client may name by server-side path; empty refuses
             every server-side path, so images must be uploaded.
+        allowed_hosts (`list[str]`): more names clients reach the server by (``Host`` header). A loopback server
+            accepts only loopback names and these, so a web page cannot re-point its own name at it (DNS
+            rebinding); a server on another address accepts any name unless this lists them.
+        request_timeout_s (`float`, defaults to `30.0`): a request whose headers and body have not all arrived
+            within this time is dropped (a half-sent request never holds a connection for long).
 
     > Sandbox pool and limits
 
@@ -97,6 +103,12 @@ class ServerConfig:
     token: str | None = field(default=None, repr=False, metadata={"help": "bearer token required on API calls"})
     allowed_roots: list[Path] = field(
         default_factory=list, metadata={"help": "folders whose images clients may name by server-side path"}
+    )
+    allowed_hosts: list[str] = field(
+        default_factory=list, metadata={"help": "more host names clients reach the server by (Host header)"}
+    )
+    request_timeout_s: float = field(
+        default=DEFAULT_REQUEST_TIMEOUT_S, metadata={"help": "seconds a request's headers and body may take to arrive"}
     )
     workers: int = field(default=DEFAULT_WORKERS, metadata={"help": "warm sandbox worker processes"})
     timeout_s: float = field(default=DEFAULT_TIMEOUT_S, metadata={"help": "wall-clock limit of one code run"})
@@ -120,6 +132,7 @@ class ServerConfig:
             "queue_wait_s": self.queue_wait_s, "idle_timeout_s": self.idle_timeout_s,
             "max_request_mb": self.max_request_mb, "max_pixels": self.max_pixels,
             "max_code_chars": self.max_code_chars, "max_images_per_session": self.max_images_per_session,
+            "request_timeout_s": self.request_timeout_s,
         }  # fmt: skip
         for name, value in positive.items():
             if value <= 0:

@@ -1,6 +1,6 @@
 """The open sessions of the tool server: a bounded table with a waiting queue, per-session locks and idle expiry.
 
-Both front ends (the HTTP API in :mod:`.server` and the MCP tools in :mod:`.mcp_server`) hold sessions through this
+Both front ends (the HTTP API in :mod:`.app` and the MCP tools in :mod:`.mcp`) hold sessions through this
 class, so limits mean the same thing in both. Its methods block and are called from worker threads (FastAPI runs
 plain ``def`` endpoints in a thread pool, the MCP SDK runs plain ``def`` tools with ``anyio.to_thread``); a slow run
 in one session therefore never holds up a call on another.
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import SandboxClosed
-from .server_errors import ServerBusy, SessionNotFound
-from .server_metrics import ServerMetrics
+from ..errors import SandboxClosed
+from .errors import ServerBusy, SessionNotFound
+from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
