@@ -83,7 +83,7 @@ def make_vllm_trainer(tiny_vllm_model_dir: Path, tmp_path_factory, sandbox, rl_d
 
     built = []
 
-    def build(script: Path | None, reward_funcs=None, **overrides):
+    def build(script: Path | None, reward_funcs=None, data_file: Path | None = None, **overrides):
         settings = dict(
             output_dir=str(tmp_path_factory.mktemp("rl-vllm-out")),
             use_cpu=True,
@@ -110,7 +110,7 @@ def make_vllm_trainer(tiny_vllm_model_dir: Path, tmp_path_factory, sandbox, rl_d
             str(tiny_vllm_model_dir),
             reward_funcs,
             ThymeGRPOConfig(**settings),
-            load_rl_dataset(rl_data_file),
+            load_rl_dataset(data_file or rl_data_file),
             sandbox=sandbox,
             rollout_script=script,
             vllm_llm=vllm_llm,

@@ -13,10 +13,14 @@ second step that holds only if the first step's update reached the engine (learn
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+DATA = Path(__file__).resolve().parents[3] / "train" / "examples" / "data"
 
 
 def alternating_reward(completions, **kwargs):
@@ -117,3 +121,19 @@ def test_policy_generated_rollouts_train_on_vllm(generated_run):
     assert max(in_flight) == 2, "both rollouts of the batch are in the engine at once"
     logged = [entry for entry in trainer.state.log_history if "sampling/sampling_logp_difference/max" in entry]
     assert len(logged) == 2 and all(entry["sampling/sampling_logp_difference/max"] < 1e-3 for entry in logged)
+
+
+def test_a_multi_trajectory_script_gives_each_rollout_of_a_group_its_own_trajectory(make_vllm_trainer):
+    """The shipped script (right and wrong answers, with and without a crop) on vLLM: the 4 rollouts of a prompt
+    replay 4 different trajectories, so the default rewards differ inside the group, and every trained token's
+    engine log-prob is the loss forward's (stop boundaries included: `</code><sandbox_output>` merges)."""
+    trainer = make_vllm_trainer(DATA / "rl_script.json", data_file=DATA / "rl.jsonl", per_device_train_batch_size=4,
+                                num_generations=4, max_steps=1, max_new_tokens_per_call=1024,
+                                max_completion_length=2048)  # fmt: skip
+    seen = _capture_loss_inputs(trainer)
+    trainer.train()
+    inputs = seen[0]
+    assert len({tuple(row) for row in inputs["completion_ids"].tolist()}) == 4
+    assert inputs["advantages"].gt(0).any() and inputs["advantages"].lt(0).any()
+    diff = _engine_vs_trainer(inputs)
+    assert diff.numel() > 0 and diff.max() < 1e-3, diff.max()
