@@ -140,8 +140,10 @@ _TOKENIZER: dict = {}
 
 def test_grpo_with_the_policy_sampling_raises_a_reachable_reward(tiny_model_dir, tmp_path, sandbox):
     # Sampling is not bit-reproducible across runs (the prompt names the sandbox's temp input path, so token counts
-    # and the random stream shift), so the test asks for a trend no unlucky run misses: a constant learning rate
-    # (a linear decay to 0 left some runs flat) and the mean of the last three steps against the first three.
+    # and the random stream shift), so the test asks for what every run shows: with a constant learning rate (a
+    # linear decay to 0 left some runs flat) some later 3-step window beats the first by 0.3. Not the last window:
+    # at this learning rate a run can reach ~0.8 and then collapse, the known GRPO instability, not a missing signal.
+    # Without learning (lr 0) the windows stay within noise (~0.1) of the first.
     trainer = _trainer(tiny_model_dir, tmp_path, sandbox, script=None, reward_funcs=[tokens_with_a_space_reward],
                        per_device_train_batch_size=8, num_generations=8, max_steps=12, learning_rate=2e-2,
                        lr_scheduler_type="constant", max_generation_calls=2, max_new_tokens_per_call=4,
@@ -150,7 +152,8 @@ def test_grpo_with_the_policy_sampling_raises_a_reachable_reward(tiny_model_dir,
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     print(f"reward per step: {[round(r, 3) for r in rewards]}")
     assert len(rewards) == 12
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2
+    later = [sum(rewards[start : start + 3]) / 3 for start in range(3, 10)]
+    assert max(later) > sum(rewards[:3]) / 3 + 0.3
 
 
 def test_sft_loss_falls_on_the_shipped_tiny_data_from_the_example(tiny_model_dir, tmp_path, monkeypatch):
