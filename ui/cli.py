@@ -7,12 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from thyme.commands.options import (
-    add_max_input_pixels_argument,
-    add_model_arguments,
-    check_model_name,
-    load_model_backend,
-)
+from thyme.commands.options import add_max_input_pixels_argument, add_model_arguments, shared_backend
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -47,14 +42,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def _build_backend(args: argparse.Namespace) -> Any:
     """The shared backend for --model / --endpoint (None for a scripted replay, which is made per question)."""
-    from thyme.backends import BACKENDS
-
-    check_model_name(args)
-    if args.endpoint:
-        return BACKENDS["openai"](args.endpoint, model=args.model_name)
-    if args.model:
-        return load_model_backend(args)
-    return None
+    return shared_backend(args)
 
 
 def _description(args: argparse.Namespace, script: Path) -> str:

@@ -62,3 +62,20 @@ def test_serve_flags_are_checked_before_anything_starts(tmp_path: Path, capsys: 
     assert "give a --token-file" in capsys.readouterr().err
     assert main([*argv, "--allow-url-prefix", "https://example.org"]) == 1
     assert "must be an http(s) URL with a path" in capsys.readouterr().err
+
+
+def test_serve_takes_the_engine_flag_like_answer_and_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`thyme serve --model DIR --engine vllm` loads the vLLM engine (not transformers) and lets it batch questions."""
+    import argparse
+
+    from thyme.commands import options, serve
+
+    loaded = []
+    monkeypatch.setattr(options, "load_model_backend", lambda args: loaded.append(args.engine) or "backend")
+    parser = argparse.ArgumentParser(prog="thyme")
+    serve.add_parser(parser.add_subparsers())
+    for engine, running in (("vllm", serve.SHARED_SERVER_RUNNING), ("transformers", 1)):
+        args = parser.parse_args(["serve", "--model", "some/model", "--engine", engine])
+        assert options.shared_backend(args) == "backend"
+        assert serve.serve_config(args).max_running == running
+    assert loaded == ["vllm", "transformers"]

@@ -104,6 +104,19 @@ def check_model_name(args: argparse.Namespace) -> None:
         raise ConfigError(f"--engine {args.engine} runs a local model: pass --model (a server is --endpoint)")
 
 
+def shared_backend(args: argparse.Namespace) -> Any:
+    """The one backend a long-running command (demo, serve) shares between questions: ``--endpoint``'s client or
+    ``--model`` on ``--engine``; None for ``--scripted``, whose replay is made per question."""
+    from thyme.backends import BACKENDS
+
+    check_model_name(args)
+    if args.endpoint:
+        return BACKENDS["openai"](args.endpoint, model=args.model_name)
+    if args.model:
+        return load_model_backend(args)
+    return None
+
+
 def load_model_backend(args: argparse.Namespace) -> Any:
     """The backend of ``--model`` on ``--engine`` (transformers, or vLLM in this process)."""
     from thyme.agent import ThymeAgent

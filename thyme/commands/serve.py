@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from thyme.commands.options import add_loop_arguments, add_model_arguments, agent_config_from_args, check_model_name
+from thyme.commands.options import add_loop_arguments, add_model_arguments, agent_config_from_args, shared_backend
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 # Questions answered at once with --endpoint or --scripted (a server batches, a replay costs nothing). A local model
-# answers one at a time: the transformers backend runs one forward at a time on one device.
+# on transformers answers one at a time (one forward at a time on one device); vLLM batches them.
 SHARED_SERVER_RUNNING = 8
 
 
@@ -50,25 +50,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_serve)
 
 
-def _backend(args: argparse.Namespace) -> Any:
-    from thyme.backends import BACKENDS
-
-    check_model_name(args)
-    if args.endpoint:
-        return BACKENDS["openai"](args.endpoint, model=args.model_name)
-    if args.model:
-        from thyme.agent import ThymeAgent
-
-        return ThymeAgent.from_pretrained(args.model, dtype=args.dtype, device=args.device).backend
-    return None
-
-
 def serve_config(args: argparse.Namespace) -> Any:
     """The :class:`~thyme.serve.config.ServeConfig` of the flags (checked before any model loads)."""
     from thyme.sandbox.server.config import read_token_file
     from thyme.serve.config import ServeConfig
 
-    running = args.max_running or (1 if args.model else SHARED_SERVER_RUNNING)
+    one_at_a_time = args.model and args.engine == "transformers"  # vLLM batches concurrent questions
+    running = args.max_running or (1 if one_at_a_time else SHARED_SERVER_RUNNING)
     return ServeConfig(
         host=args.host,
         port=args.port,
@@ -96,7 +84,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = serve_config(args)
     base_config = agent_config_from_args(args)
-    backend = _backend(args)
+    backend = shared_backend(args)  # --engine vllm included
     try:
         with Sandbox(timeout=args.sandbox_timeout_s) as sandbox:
             factory = (
